@@ -1,0 +1,184 @@
+"""The command line: ``gradscope profile | recommend | compare``.
+
+The only module that imports typer. Each command declares its options and makes one call into a
+module that knows nothing of the CLI. ``main`` is the one place where a :class:`GradscopeError`
+becomes one line on stderr and an exit code. torch and matplotlib are imported lazily inside the
+commands that need them, so ``--help`` and ``recommend`` start fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gradscope import __version__
+from gradscope.errors import EXIT_ERROR, EXIT_OK, GradscopeError
+
+app = typer.Typer(
+    name="gradscope",
+    help="Measure what your gradients do, and choose clip_grad_norm_'s max_norm from the measurement.",
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"gradscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Print gradscope's version and exit."),
+    ] = False,
+) -> None:
+    """Measure what your gradients do, and choose clip_grad_norm_'s max_norm from the measurement."""
+
+
+# Options shared by several commands, defined once.
+RunsDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--runs-dir",
+        envvar="GRADSCOPE_DIR",
+        help="Directory that holds the runs. Defaults to [blue].gradscope[/blue] in the working directory.",
+        show_default=False,
+    ),
+]
+RunArg = Annotated[
+    str | None,
+    typer.Argument(help="A run id or run directory. Defaults to the latest run.", show_default=False),
+]
+
+
+@app.command(
+    context_settings={"allow_interspersed_args": False},
+    no_args_is_help=True,
+)
+def profile(
+    script: Annotated[
+        str,
+        typer.Argument(help="The training script to run, as you would give it to python (or a module name with -m).", show_default=False),
+    ],
+    script_args: Annotated[
+        list[str] | None,
+        typer.Argument(help="Arguments for the script. Everything after the script belongs to it, --help included.", show_default=False),
+    ] = None,
+    module: Annotated[
+        bool,
+        typer.Option("-m", "--module", help="Run SCRIPT as a module, like python -m. It must be the last gradscope option."),
+    ] = False,
+    runs_dir: RunsDirOpt = None,
+    flush_every: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Write a part file after this many steps (and at least 2 seconds after the last one). "
+            "A killed run keeps everything up to its last part.",
+        ),
+    ] = 100,
+    max_norm: Annotated[
+        float | None,
+        typer.Option(
+            "--max-norm",
+            help="Inject clip_grad_norm_(params, MAX_NORM) before every optimizer step, replacing the script's own "
+            "clipping. Used by gradscope compare; useful by hand to try a threshold.",
+            show_default=False,
+        ),
+    ] = None,
+    no_clip: Annotated[
+        bool,
+        typer.Option(
+            "--no-clip",
+            help="Disable the script's own clip_grad_norm_/clip_grad_value_ calls: they still measure, but no longer scale.",
+        ),
+    ] = False,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            help="Seed torch before the script runs and replace the seed of every torch.manual_seed call the script makes.",
+            show_default=False,
+        ),
+    ] = None,
+    max_steps: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Stop the script cleanly after this many optimizer steps (of its first optimizer).",
+            show_default=False,
+        ),
+    ] = None,
+    max_time: Annotated[
+        float | None,
+        typer.Option(min=0.0, help="Stop the script cleanly at the first optimizer step after this many seconds.", show_default=False),
+    ] = None,
+    label: Annotated[
+        str | None,
+        typer.Option(help="Name of the run (the run id is LABEL-YYYYmmdd-HHMMSS). Defaults to the script's name.", show_default=False),
+    ] = None,
+    quiet: Annotated[
+        bool,
+        typer.Option("-q", "--quiet", help="Print nothing of gradscope's own, only the script's output."),
+    ] = False,
+) -> None:
+    """Run a training script as [bold]python SCRIPT ARGS[/bold] would, and record every optimizer step.
+
+    Records the global gradient norm before clipping, per-layer norms, loss, learning rate, clipping,
+    GradScaler scale and skipped steps to a run directory (parquet). The script is not modified.
+    """
+    from gradscope.profile_command import ProfileOptions, run_profile
+
+    options = ProfileOptions(
+        target=script,
+        args=list(script_args or []),
+        as_module=module,
+        runs_dir=runs_dir,
+        flush_every=flush_every,
+        inject_max_norm=max_norm,
+        disable_script_clip=no_clip or max_norm is not None,
+        seed=seed,
+        max_steps=max_steps,
+        max_time=max_time,
+        label=label,
+        quiet=quiet,
+    )
+    raise typer.Exit(run_profile(options))
+
+
+# --- recommend: see gradscope/recommend.py --------------------------------------------------------
+
+# --- compare: see gradscope/compare.py ------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script and ``python -m gradscope``; returns the exit code.
+
+    typer reports usage errors itself (exit 2); a :class:`GradscopeError` from any command becomes
+    one line on stderr and its own exit code, never a traceback.
+    """
+    try:
+        app(args=argv, prog_name="gradscope")
+    except GradscopeError as exc:
+        print(f"gradscope: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except SystemExit as exc:
+        return _exit_status(exc.code)
+    return EXIT_OK
+
+
+def _exit_status(code: object) -> int:
+    if code is None:
+        return EXIT_OK
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return EXIT_ERROR

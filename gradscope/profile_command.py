@@ -1,0 +1,127 @@
+"""``gradscope profile``: validate the script, open a run, install the recorder, run, summarise.
+
+The order matters and is the point of this module:
+
+1. validate and compile the script (no torch yet: a typo'd path fails in milliseconds);
+2. create the run directory (an unwritable runs directory fails before the script runs);
+3. import torch and install the recorder, *before* the script imports anything;
+4. run the script as ``python`` would, then flush, compact and finish meta.json whatever happened.
+
+gradscope prints one line before the script and a summary after it, both on stderr: nothing is
+drawn over the script's own output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from gradscope import runner, store
+from gradscope.errors import EXIT_OK
+
+
+@dataclass
+class ProfileOptions:
+    """Everything ``gradscope profile`` was asked to do (one field per CLI option)."""
+
+    target: str
+    args: list[str]
+    as_module: bool = False
+    runs_dir: str | os.PathLike[str] | None = None
+    flush_every: int = 100
+    inject_max_norm: float | None = None
+    disable_script_clip: bool = False
+    seed: int | None = None
+    max_steps: int | None = None
+    max_time: float | None = None
+    label: str | None = None
+    quiet: bool = False
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived: unwind the script like Ctrl-C would, so the run is saved, then die by the signal."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated()
+
+
+def _say(options: ProfileOptions, message: str) -> None:
+    if not options.quiet:
+        sys.stdout.flush()  # keep the script's buffered output before ours
+        print(f"gradscope: {message}", file=sys.stderr, flush=True)
+
+
+def _provenance(options: ProfileOptions, target: runner.Target) -> dict[str, Any]:
+    digest = hashlib.sha256(target.path.read_bytes()).hexdigest() if target.path.is_file() else None
+    return {
+        "target": options.target,
+        "as_module": options.as_module,
+        "script_path": str(target.path),
+        "script_sha256": digest,
+        "argv": list(target.argv),
+        "script_args": list(options.args),
+        "cwd": os.getcwd(),
+        "command": ["gradscope", "profile", *(["-m"] if options.as_module else []), options.target, *options.args],
+    }
+
+
+def run_profile(options: ProfileOptions) -> int:
+    """Profile one run of the target; returns the exit code ``python`` would have given."""
+    target = runner.prepare(options.target, options.args, options.as_module)
+    root = store.runs_root(options.runs_dir)
+    label = options.label or Path(options.target).stem.replace(".", "_")
+    run_dir = store.create_run_dir(root, label)
+
+    from gradscope.recorder import Recorder, RecorderConfig  # torch is imported here, after validation
+
+    config = RecorderConfig(flush_every=options.flush_every, inject_max_norm=options.inject_max_norm,
+                            disable_script_clip=options.disable_script_clip, seed=options.seed,
+                            max_steps=options.max_steps, max_time=options.max_time)
+    recorder = Recorder(run_dir, label=label, config=config, meta=_provenance(options, target))
+    recorder.start()
+    store.point_latest(root, run_dir)
+    os.environ["GRADSCOPE_PROFILING"] = "1"  # lets a script skip expensive evaluation while profiled
+    _say(options, f"recording {options.target} to {_shown(run_dir)}")
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    outcome = runner.run(target)
+    terminated = isinstance(outcome.exception, _Terminated)
+    if terminated:
+        outcome = runner.Outcome(128 + signal.SIGTERM, "interrupted", "terminated by SIGTERM")
+    recorder.stop(outcome.status, outcome.exit_code, outcome.error)
+    _summarise(options, recorder, run_dir, outcome)
+    if terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)  # die by the signal, so the parent sees an honest status
+    return outcome.exit_code
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _summarise(options: ProfileOptions, recorder: Any, run_dir: Path, outcome: runner.Outcome) -> None:
+    steps = recorder.n_steps
+    if steps == 0:
+        _say(options, "warning: no optimizer step was recorded. gradscope sees torch.optim optimizers and "
+                      "clip_grad_norm_ calls in this process; training in a subprocess the script starts "
+                      "(torch.multiprocessing.spawn, torchrun), an optimizer that is not a torch.optim.Optimizer "
+                      "(DeepSpeed, a custom class that skips Optimizer.__init__), or a run that stopped before its "
+                      "first step is invisible to it")
+    status = outcome.status if outcome.exit_code != EXIT_OK or outcome.status != "complete" else "complete"
+    _say(options, f"{status}: {steps} steps recorded in {_shown(run_dir)}")
+    if steps and outcome.exit_code == EXIT_OK:
+        runs_flag = f" --runs-dir {shlex.quote(str(options.runs_dir))}" if options.runs_dir else ""
+        _say(options, f"next: gradscope recommend{runs_flag}")
