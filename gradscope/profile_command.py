@@ -100,9 +100,18 @@ def run_profile(options: ProfileOptions) -> int:
     recorder.stop(outcome.status, outcome.exit_code, outcome.error)
     _summarise(options, recorder, run_dir, outcome)
     if terminated:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)  # die by the signal, so the parent sees an honest status
+        _die_by(signal.SIGTERM)
+    if isinstance(outcome.exception, KeyboardInterrupt):
+        _die_by(signal.SIGINT)  # python itself dies by SIGINT on an uncaught KeyboardInterrupt
     return outcome.exit_code
+
+
+def _die_by(signum: signal.Signals) -> None:
+    """End the process by ``signum`` with its default action, so the parent sees what python gives."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _shown(path: Path) -> str:

@@ -125,6 +125,8 @@ def _find_spec(name: str, package: str | None = None) -> importlib.machinery.Mod
 def _main_module(target: Target) -> types.ModuleType:
     """A fresh ``__main__`` with exactly the globals ``python`` gives a script (or a -m module)."""
     module = types.ModuleType("__main__")
+    if "__annotations__" in vars(sys.modules["__main__"]):
+        module.__annotations__ = {}  # the interpreter gives __main__ one (before Python 3.14)
     module.__dict__.update(__builtins__=builtins, __file__=str(target.path), __cached__=None)
     if target.spec is not None:
         module.__dict__.update(__loader__=target.spec.loader, __package__=target.spec.parent,
@@ -181,7 +183,8 @@ def _error_line(exc: BaseException) -> str:
 
 
 def _print_exception(exc: BaseException) -> None:
-    tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None  # drop run()'s own frame
+    tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+    exc.__traceback__ = tb  # drop run()'s own frame: the traceback then reads exactly as python's
     hook = sys.excepthook
     if getattr(hook, "__module__", "").startswith(("typer", "rich")):
         hook = sys.__excepthook__  # a CLI library's pretty hook is not the script's
