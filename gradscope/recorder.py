@@ -163,7 +163,8 @@ class Recorder:
         self._row_clip: tuple[str, float | None] | None = None
         self._meta_dirty = False
         self._manual_draft: Row | None = None
-        self._optimizer_steps = 0  # torch.optim steps seen; 0 means "maybe a hand-written update loop"
+        self._optimizer_steps = 0  # torch.optim steps seen
+        self._optimizer_made = getattr(self, "_optimizer_made", False)
         self._commits = 0
         self._t0 = time.perf_counter()
         self._last_flush = self._t0
@@ -225,6 +226,11 @@ class Recorder:
             self.stop("complete", None)
 
     @property
+    def _hand_written(self) -> bool:
+        """True while no torch.optim optimizer exists: updates are written by hand (p.data.add_)."""
+        return self._optimizer_steps == 0 and not self._optimizer_made
+
+    @property
     def n_steps(self) -> int:
         """Records written or pending so far, over all optimizers."""
         return self._commits
@@ -250,6 +256,7 @@ class Recorder:
         self._patch_grad_scaler()
         self._patch_seed()
         self._patch_zero_grad()
+        self._patch_optimizer_init()
 
     def _uninstall(self) -> None:
         for handle in self._handles:
@@ -318,12 +325,26 @@ class Recorder:
         self._patcher.replace(torch, "manual_seed", manual_seed)
         self._patcher.replace(torch.random, "manual_seed", manual_seed)
 
+    def _patch_optimizer_init(self) -> None:
+        import gc
+
+        # An optimizer made before the recorder started (API use) counts too: one gc scan, at start.
+        self._optimizer_made = any(issubclass(type(o), torch.optim.Optimizer) for o in gc.get_objects())
+        original = torch.optim.Optimizer.__init__
+        recorder = self
+
+        def __init__(optimizer: Any, *args: Any, **kwargs: Any) -> None:
+            recorder._optimizer_made = True  # a clip call before its first step is not a hand-written update
+            original(optimizer, *args, **kwargs)
+
+        self._patcher.replace(torch.optim.Optimizer, "__init__", __init__)
+
     def _patch_zero_grad(self) -> None:
         original = nn.Module.zero_grad
         recorder = self
 
         def zero_grad(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            if recorder._optimizer_steps == 0 and not recorder._window_closed:
+            if recorder._hand_written and not recorder._window_closed:
                 recorder._guard("manual", recorder._on_manual_zero_grad, module)
             return original(module, *args, **kwargs)
 
@@ -626,7 +647,7 @@ class Recorder:
         return clip_grad_value_
 
     def _effective_max_norm(self, max_norm: float) -> float:
-        if self.config.inject_max_norm is not None and self._optimizer_steps == 0:
+        if self.config.inject_max_norm is not None and self._hand_written:
             return self.config.inject_max_norm  # a hand-written update loop: inject at the script's own call
         if self.config.disable_script_clip or self.config.inject_max_norm is not None:
             return math.inf  # clip_grad_norm_ with inf scales by exactly 1.0 and returns the same norm
@@ -651,7 +672,7 @@ class Recorder:
     # ----------------------------------------------------------------------------------------------
 
     def _maybe_manual_update(self, params: list[torch.Tensor]) -> None:
-        if self._optimizer_steps:
+        if not self._hand_written:
             return  # an optimizer will step: its hook records this update
         self._commit_manual()
         self._manual_draft = self._measure_manual(params)
@@ -678,7 +699,7 @@ class Recorder:
 
     def _commit_manual(self) -> None:
         draft, self._manual_draft = self._manual_draft, None
-        if draft is not None and self._optimizer_steps == 0:
+        if draft is not None and self._hand_written:
             self._clip_calls = []
             self._commit(draft)
 
