@@ -67,6 +67,12 @@ class _Slot:
     aliases: dict[str, list[str]]
     shapes: list[list[int]]
     steps: int = 0
+    params: list[weakref.ref[torch.Tensor]] = field(default_factory=list, repr=False)  # its latest optimizer's
+
+    def held_by_others(self, params: list[torch.Tensor]) -> bool:
+        """True while tensors this slot recorded are alive and differ from ``params``: another live
+        optimizer with the same class and names (GAN D and G as two nn.Sequential), not a re-created one."""
+        return any(ref() is not None and ref() is not p for ref, p in zip(self.params, params, strict=True))
 
     def describe(self) -> dict[str, Any]:
         return {"index": self.index, "class": self.cls, "n_tensors": len(self.names), "names": self.names,
@@ -200,6 +206,7 @@ class Recorder:
         self._stopped = True
         self._uninstall()
         Recorder._active = None
+        self._guard("manual", self._finish_manual)
         self._commit_manual()
         self._flush()
         try:
@@ -280,6 +287,9 @@ class Recorder:
         from torch.nn.utils import clip_grad
 
         utils = torch.nn.utils
+        # Keep the unpatched function for _inject: read after the loop below, it would be our own wrapper,
+        # which scales by 1.0 in compare arms (the script's clipping is disabled there).
+        self._original_clip_norm = clip_grad.clip_grad_norm_
         norm = disable(self._wrap_clip_norm(clip_grad.clip_grad_norm_))
         value = disable(self._wrap_clip_value(clip_grad.clip_grad_value_))
         # Patch both homes: `from torch.nn.utils import clip_grad_norm_` and the module global that the
@@ -290,7 +300,6 @@ class Recorder:
         with_norm = getattr(utils, "clip_grads_with_norm_", None)
         if with_norm is not None:
             self._patcher.replace(utils, "clip_grads_with_norm_", disable(self._wrap_clip_with_norm(with_norm)))
-        self._original_clip_norm = clip_grad.clip_grad_norm_
 
     def _patch_grad_scaler(self) -> None:
         try:
@@ -491,19 +500,26 @@ class Recorder:
             return layout
         params = [p for g in groups for p in g["params"]]
         group_of = [(gi, pi) for gi, g in enumerate(groups) for pi in range(len(g["params"]))]
-        layout = self._new_layout(signature, params, group_of, type(optimizer).__name__)
-        self._layouts[optimizer] = layout
-        return layout
+        new = self._new_layout(signature, params, group_of, type(optimizer).__name__)
+        if layout is not None:  # add_param_group mid-run: a new series, whose step index goes on from the old one's
+            new.slot.steps = max(new.slot.steps, layout.slot.steps)
+        self._layouts[optimizer] = new
+        return new
 
     def _new_layout(self, signature: tuple[Any, ...], params: list[torch.Tensor], group_of: list[tuple[int, int]],
                     cls: str) -> _Layout:
         named = resolve_names(params, group_of)
-        key = (cls, tuple(named.names))
-        slot = self._slots.get(key)
+        key = base = (cls, tuple(named.names))
+        slot, n = self._slots.get(key), 0
+        while slot is not None and slot.held_by_others(params):  # same names, other live tensors: its own series
+            n += 1
+            key = (*base, n)
+            slot = self._slots.get(key)
         if slot is None:  # an optimizer re-created with the same params joins the same series
             slot = _Slot(len(self._slots), cls, named.names, named.aliases, [list(p.shape) for p in params])
             self._slots[key] = slot
             self._meta_dirty = True
+        slot.params = [weakref.ref(p) for p in params]
         return _Layout(signature, params, slot, {id(p): i for i, p in enumerate(params)})
 
     def _measure(self, optimizer: Any, closure_result: Any = None, scaler: Any = None, skipped: bool = False) -> Row:
@@ -569,7 +585,9 @@ class Recorder:
         self._script_clip.update(script_max_norm=last.max_norm, script_clip_function=last.function)
         self._script_clip["script_clip_calls"] += len(calls)
         disabled = self.config.disable_script_clip
-        self._row_clip = ("script-disabled", None) if disabled else ("script", last.max_norm)
+        # The max_norm column holds norm thresholds (recommend offers it as one): a clip value is not.
+        max_norm = None if last.function == "clip_grad_value_" else last.max_norm
+        self._row_clip = ("script-disabled", None) if disabled else ("script", max_norm)
 
     def _fill_common(self, row: Row, optimizer: Any, closure_result: Any, scaler: Any) -> None:
         device = row.per_tensor.device
@@ -581,8 +599,11 @@ class Recorder:
         row.loss = loss.to(device, non_blocking=True) if loss is not None else None
         row.n_backward = self._n_backward
         row.lr = optimizer.param_groups[0].get("lr") if getattr(optimizer, "param_groups", None) else None
+        if isinstance(row.lr, torch.Tensor):  # a Tensor lr: schedulers fill_ it in place; keep this step's value
+            row.lr = row.lr.detach().clone()
         scale = getattr(scaler, "_scale", None) if scaler is not None and getattr(scaler, "_enabled", False) else None
-        row.loss_scale = scale.reshape(()).float().to(device, non_blocking=True) if isinstance(scale, torch.Tensor) else None
+        # clone: update() changes the scaler's _scale in place; a view would read the latest scale at flush.
+        row.loss_scale = scale.reshape(()).float().clone().to(device, non_blocking=True) if isinstance(scale, torch.Tensor) else None
         clip = self._row_clip
         if clip is not None:
             row.clip_source, row.max_norm = clip
@@ -682,6 +703,14 @@ class Recorder:
             self._manual_draft = self._measure_manual([p for p in module.parameters() if p.requires_grad])
         self._commit_manual()
         self._window_closed = True
+
+    def _finish_manual(self) -> None:
+        """A loop that zeroes grads at the top of each iteration: its last update has no zero_grad after it.
+        Measure it at exit on the params of the loop's earlier updates (the layout holds them, and so their
+        grads, even when the script's model went out of scope with its main())."""
+        layout = self._layouts.get(self)
+        if self._hand_written and not self._window_closed and self._manual_draft is None and layout is not None:
+            self._manual_draft = self._measure_manual(layout.params)
 
     def _measure_manual(self, params: list[torch.Tensor]) -> Row | None:
         if not params or all(p.grad is None for p in params):

@@ -1,0 +1,402 @@
+"""The recorder records what torch computes: real training scripts, checked against torch's own numbers.
+
+Every fixture script (tests/scripts/rec_*.py) is a plain training script with no gradscope import
+(but rec_api_early.py, the Python API case).
+Besides training it prints ``REF {json}`` lines computed with ``get_total_norm`` / ``vector_norm`` on
+the gradients exactly as the optimizer consumes them (before the script's clip, after unscaling,
+after the first closure evaluation...). Each test runs the script under
+``python -m gradscope profile`` in a subprocess and compares the recorded run with those lines:
+the number of records with the number of updates, ``grad_norm`` and every per-layer ``norm``
+(relative 1e-5), ``loss``, and the case's own columns. No expected norm is written in this file.
+
+Several sub-cases share one script and one subprocess (each pays ~3-5 s of interpreter, torch and
+gradscope start-up): each sub-case gives its model a root attribute named after it, so its
+parameter names start with ``<case>.`` and its optimizer is found by those names.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+import pytest
+
+REL = 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers: find a sub-case's optimizer and compare its records with the script's REF lines
+# --------------------------------------------------------------------------------------------------
+
+
+def close(actual: Any, expected: Any, rel: float = REL) -> bool:
+    """Equal within ``rel``; None / NaN match only None / NaN, and inf matches an inf of the same sign."""
+    a = math.nan if actual is None or pd.isna(actual) else float(actual)
+    e = math.nan if expected is None else float(expected)
+    if math.isnan(e) or math.isnan(a):
+        return math.isnan(e) and math.isnan(a)
+    if math.isinf(e) or math.isinf(a):
+        return a == e
+    return math.isclose(a, e, rel_tol=rel, abs_tol=1e-12)
+
+
+def optimizer_indices(run: Any, prefix: str) -> list[int]:
+    """Indices (meta ``optimizers``) of the optimizers whose parameters all live under ``prefix``."""
+    return [o["index"] for o in run.meta["optimizers"] if o["names"] and all(n.startswith(prefix) for n in o["names"])]
+
+
+def optimizer_of(run: Any, prefix: str) -> int:
+    """The one optimizer index whose parameter names all start with ``prefix``."""
+    found = optimizer_indices(run, prefix)
+    assert len(found) == 1, f"expected one optimizer under {prefix!r}, found {found} in {run.meta['optimizers']}"
+    return found[0]
+
+
+def steps_of(run: Any, index: int) -> pd.DataFrame:
+    return run.steps[run.steps.optimizer == index].sort_values("step").reset_index(drop=True)
+
+
+def layer_norms(run: Any, index: int, step: int) -> dict[str, float]:
+    layers = run.layers
+    rows = layers[(layers.optimizer == index) & (layers.step == step)]
+    return {str(name): float(norm) for name, norm in zip(rows.layer, rows.norm, strict=True)}
+
+
+def check_records(run: Any, index: int, refs: list[dict[str, Any]], *, rel: float = REL, first_step: int = 0,
+                  exact_nonfinite: bool = True) -> pd.DataFrame:
+    """One record per REF line, in order: step index, grad_norm, every per-layer norm and the loss.
+
+    With ``exact_nonfinite=False`` a REF step whose norm is not finite only needs a non-finite
+    recorded grad_norm (its per-layer norms are not compared).
+    """
+    steps = steps_of(run, index)
+    assert refs, "the script printed no REF line for this case"
+    assert len(steps) == len(refs), f"{len(steps)} records for {len(refs)} updates"
+    assert list(steps.step) == list(range(first_step, first_step + len(refs)))
+    for (_, row), ref in zip(steps.iterrows(), refs, strict=True):
+        where = f"optimizer {index} step {row.step}"
+        if not exact_nonfinite and not math.isfinite(ref["norm"]):
+            assert not math.isfinite(row.grad_norm), f"{where}: grad_norm {row.grad_norm} should be non-finite"
+            assert close(row.loss, ref["loss"]), f"{where}: loss {row.loss} != {ref['loss']}"
+            continue
+        assert close(row.grad_norm, ref["norm"], rel), f"{where}: grad_norm {row.grad_norm} != {ref['norm']}"
+        recorded = layer_norms(run, index, int(row.step))
+        assert set(recorded) == set(ref["layers"]), f"{where}: layer names {sorted(recorded)} != {sorted(ref['layers'])}"
+        for name, expected in ref["layers"].items():
+            assert close(recorded[name], expected, rel), f"{where} {name}: {recorded[name]} != {expected}"
+        assert close(row.loss, ref["loss"]), f"{where}: loss {row.loss} != {ref['loss']}"
+    return steps
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizers: SGD / Adam / AdamW x foreach / for-loop / fused, wrappers, closures
+# --------------------------------------------------------------------------------------------------
+
+OPTIMIZER_CASES = [f"{k}-{i}" for k in ("sgd", "adam", "adamw") for i in ("foreach", "forloop", "fused")] + ["adam-tensorlr"]
+WRAPPER_CASES = ["subclass", "outer", "noinit"]
+CLOSURE_CASES = ["lbfgs", "adam-closure"]
+ALL_OPTIMIZER_CASES = OPTIMIZER_CASES + WRAPPER_CASES + CLOSURE_CASES
+
+
+optimizers_run = pytest.mark.profiled("rec_optimizers.py", *ALL_OPTIMIZER_CASES)
+
+
+@optimizers_run
+@pytest.mark.parametrize("case", OPTIMIZER_CASES)
+def test_optimizer_implementations_record_torch_norms(profiled: Any, case: str) -> None:
+    run, refs = profiled.run, profiled.ref(case)
+    index = optimizer_of(run, f"{case}.")
+    steps = check_records(run, index, refs)
+    assert run.meta["optimizers"][index]["class"] == {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[case.split("-")[0]]
+    assert list(steps.n_backward) == [1] * len(refs)
+    # lr of the update itself (read before the scheduler halves it), never the next one
+    assert [close(a, r["lr"]) for a, r in zip(steps.lr, refs, strict=True)] == [True] * len(refs)
+    assert not steps.skipped.any() and not steps.nonfinite.any()
+    assert (steps.clip_source == "none").all() and steps.max_norm.isna().all()
+    assert (steps.applied_norm == steps.grad_norm).all()
+
+
+@optimizers_run
+@pytest.mark.parametrize(("case", "cls"), [("subclass", "SGDSub"), ("outer", "Outer"), ("noinit", "Adam")])
+def test_wrapping_optimizers_record_once_per_step(profiled: Any, case: str, cls: str) -> None:
+    """super().step() and an Optimizer stepping an inner one: one record (the outermost), not two.
+    A wrapper that skips Optimizer.__init__ is invisible to torch's hooks: its inner optimizer records."""
+    run, refs = profiled.run, profiled.ref(case)
+    index = optimizer_of(run, f"{case}.")
+    check_records(run, index, refs)
+    assert run.meta["optimizers"][index]["class"] == cls
+
+
+@optimizers_run
+@pytest.mark.parametrize("case", CLOSURE_CASES)
+def test_closure_steps_measure_after_the_first_evaluation(profiled: Any, case: str) -> None:
+    """Norms from the grads after the first closure call (the pre hook sees stale ones), the loss of
+    the first evaluation (LBFGS re-evaluates 4 times a step), exactly one record per step."""
+    run, refs = profiled.run, profiled.ref(case)
+    evals = [r["evals"] for r in profiled.ref(case + ":evals")]
+    assert len(evals) == len(refs)
+    if case == "lbfgs":
+        assert min(evals) > 1, "the LBFGS case must re-evaluate the closure, or it tests nothing"
+    steps = check_records(run, optimizer_of(run, f"{case}."), refs)
+    assert list(steps.n_backward) == [1] * len(refs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradients: accumulation, missing grads, bf16, sparse
+# --------------------------------------------------------------------------------------------------
+
+GRAD_CASES = ["accum-div", "accum-nodiv", "frozen", "bf16", "sparse-sgd", "sparse-adam"]
+
+
+grads_run = pytest.mark.profiled("rec_grads.py", *GRAD_CASES)
+
+
+@grads_run
+@pytest.mark.parametrize("case", ["accum-div", "accum-nodiv"])
+def test_accumulation_loss_is_the_sum_of_the_backwarded_scalars(profiled: Any, case: str) -> None:
+    """k=4 micro-batches per update: one record per update, loss = sum of what was backward'ed
+    (the mean micro loss with loss/4, four times larger without), n_backward = 4."""
+    run, refs = profiled.run, profiled.ref(case)
+    steps = check_records(run, optimizer_of(run, f"{case}."), refs)
+    assert list(steps.n_backward) == [4] * len(refs)
+
+
+@grads_run
+def test_params_without_grad_are_nan_and_left_out_of_the_global_norm(profiled: Any) -> None:
+    """Frozen params (in the optimizer, requires_grad=False) and a layer used only on odd steps."""
+    run, refs = profiled.run, profiled.ref("frozen")
+    index = optimizer_of(run, "frozen.")
+    check_records(run, index, refs)  # REF's global norm is get_total_norm over the existing grads only
+    for ref in refs:
+        recorded = layer_norms(run, index, ref["step"])
+        assert math.isnan(recorded["frozen.frozen.weight"]) and math.isnan(recorded["frozen.frozen.bias"])
+        assert math.isnan(recorded["frozen.sometimes.weight"]) == (ref["step"] % 2 == 0)
+        assert not math.isnan(recorded["frozen.body.weight"])
+
+
+@grads_run
+def test_bf16_grads_are_accumulated_in_fp32(profiled: Any) -> None:
+    """Compared with a float64 reference at 1e-5: a norm accumulated in bf16 misses by ~1e-3."""
+    run, refs = profiled.run, profiled.ref("bf16")
+    check_records(run, optimizer_of(run, "bf16."), refs)
+    assert any(not close(r["bf16_norm"], r["norm"]) for r in refs), "the bf16 case must be able to fail"
+
+
+@grads_run
+@pytest.mark.parametrize("case", ["sparse-sgd", "sparse-adam"])
+def test_sparse_embedding_grads(profiled: Any, case: str) -> None:
+    """nn.Embedding(sparse=True) with uncoalesced duplicate rows; SGD mixing sparse and dense grads,
+    and SparseAdam + Adam stepping after one backward (both records carry that backward's loss)."""
+    run = profiled.run
+    groups = ["emb", "head"] if case == "sparse-adam" else [""]
+    for g, part in enumerate(groups):
+        steps = check_records(run, optimizer_of(run, f"{case}.{part}"), profiled.ref(f"{case}/{g}"))
+        assert list(steps.n_backward) == [1] * len(steps)
+    if case == "sparse-adam":
+        classes = {o["class"] for o in run.meta["optimizers"] if o["names"][0].startswith(case)}
+        assert classes == {"SparseAdam", "Adam"}
+
+
+# --------------------------------------------------------------------------------------------------
+# GradScaler (CPU): unscaled norms and losses, the loss scale, the skipped step
+# --------------------------------------------------------------------------------------------------
+
+AMP_CASES = ["plain", "plain-unscale", "fused", "fused-unscale"]
+
+
+@pytest.mark.profiled("rec_amp.py", *AMP_CASES)
+@pytest.mark.parametrize("case", AMP_CASES)
+def test_grad_scaler_records_unscaled_values_and_the_skipped_step(profiled: Any, case: str) -> None:
+    """An inf at step 1: GradScaler skips the update (a non-fused optimizer's step is never called, a
+    fused one skips inside its kernel); the record is there with skipped=True and nonfinite, and the
+    next record's loss scale is halved. Norms and losses are the unscaled ones (fused optimizers see
+    still-scaled grads in the pre hook), the loss scale is the scaler's at each step."""
+    run, refs = profiled.run, profiled.ref(case)
+    clipped = case.endswith("unscale")
+    # unscale_ + clip on the overflow step: clip_grad_norm_ multiplies by 0 and the pre-clip per-layer
+    # norms cannot be divided back out of 0 * inf = NaN. The step is skipped anyway; only "non-finite" is asserted.
+    steps = check_records(run, optimizer_of(run, f"{case}."), refs, exact_nonfinite=not clipped)
+    inf_at = [i for i, r in enumerate(refs) if not math.isfinite(r["norm"])]
+    assert inf_at == [1]
+    assert list(steps.skipped) == [i in inf_at for i in range(len(refs))]
+    assert list(steps.nonfinite) == list(steps.skipped)
+    assert [close(a, r["scale"]) for a, r in zip(steps.loss_scale, refs, strict=True)] == [True] * len(refs)
+    assert steps.loss_scale[2] == steps.loss_scale[1] / 2
+    if clipped:
+        finite = [i for i in range(len(refs)) if i not in inf_at]
+        assert (steps.clip_source[finite] == "script").all() and (steps.max_norm[finite] == 0.5).all()
+        for i in finite:
+            assert close(steps.grad_norm[i], refs[i]["returned"])  # what the script's clip_grad_norm_ returned
+            assert close(steps.applied_norm[i], refs[i]["applied"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The script's own clipping: grad_norm is the pre-clip norm
+# --------------------------------------------------------------------------------------------------
+
+CLIP_CASES = ["norm", "deprecated", "value", "two", "with-norm"]
+
+
+clip_run = pytest.mark.profiled("rec_clip.py", *CLIP_CASES)
+
+
+@clip_run
+@pytest.mark.parametrize("case", CLIP_CASES)
+def test_script_clipping_records_pre_clip_and_applied_norms(profiled: Any, case: str) -> None:
+    """clip_grad_norm_ (and the deprecated clip_grad_norm), clip_grad_value_, two clip_grad_norm_ calls
+    on disjoint params, get_total_norm + clip_grads_with_norm_: grad_norm and the per-layer norms are the
+    pre-clip ones (= what clip_grad_norm_ returned), applied_norm what the optimizer consumed."""
+    run, refs = profiled.run, profiled.ref(case)
+    steps = check_records(run, optimizer_of(run, f"{case}."), refs)
+    for (_, row), ref in zip(steps.iterrows(), refs, strict=True):
+        if ref["returned"] is not None:
+            assert close(row.grad_norm, ref["returned"])
+        assert close(row.applied_norm, ref["applied"]), f"step {row.step}: applied {row.applied_norm} != {ref['applied']}"
+        assert close(row.clip_coef, ref["applied"] / ref["norm"])
+        assert row.clip_source == "script"
+        if case == "value":  # a clip value is no norm threshold: max_norm stays null (recommend reads it as one)
+            assert pd.isna(row.max_norm)
+        else:
+            assert row.max_norm == ref["threshold"]
+    if case in ("norm", "deprecated", "with-norm"):  # one call over all params: min(1, max_norm / (norm + 1e-6))
+        threshold = refs[0]["threshold"]
+        assert [close(a, min(n, threshold)) for a, n in zip(steps.applied_norm, steps.grad_norm, strict=True)] == [True] * len(refs)
+        assert (steps.grad_norm <= threshold).any() and (steps.grad_norm > threshold).any()  # both kinds of step
+
+
+@clip_run
+def test_script_clipping_is_described_in_meta(profiled: Any) -> None:
+    clipping = profiled.run.meta["clipping"]
+    assert clipping["script_clip_calls"] == sum(2 if r["case"] == "two" else 1 for r in profiled.refs)
+    assert clipping["script_clip_function"] == "clip_grads_with_norm_"  # the last call: CLIP_CASES ends with with-norm
+    assert clipping["script_max_norm"] == profiled.refs[-1]["threshold"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Two optimizers (GAN)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.profiled("rec_gan.py")
+def test_gan_discriminator_and_generator_are_two_series(profiled: Any) -> None:
+    """D (two backward calls per update) and G each get their own optimizer index, norms and losses,
+    even though both are nn.Sequential with the same parameter names (only the shapes differ)."""
+    run = profiled.run
+    assert len(run.meta["optimizers"]) == 2, run.meta["optimizers"]
+    for net, n_backward in (("D", 2), ("G", 1)):
+        refs = profiled.ref(net)
+        index = [o["index"] for o in run.meta["optimizers"] if o["shapes"] == refs[0]["shapes"]]
+        assert len(index) == 1, f"{net}: {run.meta['optimizers']}"
+        steps = check_records(run, index[0], refs)
+        assert list(steps.n_backward) == [n_backward] * len(refs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Naming: tied weights, wrappers, bare params, add_param_group, re-created optimizers
+# --------------------------------------------------------------------------------------------------
+
+NAMING_CASES = ["tied", "wrappers", "ddp", "bare", "add-group", "recreate"]
+
+
+naming_run = pytest.mark.profiled("rec_naming.py", *NAMING_CASES)
+
+
+@naming_run
+@pytest.mark.parametrize("case", ["tied", "wrappers", "ddp", "bare"])
+def test_parameter_names(profiled: Any, case: str) -> None:
+    """Names are module paths as the script's own named_parameters()/state_dict() give them: wrapper
+    attributes (DataParallel's and DDP's ``module``, checkpoint_wrapper's) dropped, a user's submodule
+    called ``module`` kept, a tied weight once (its other name an alias), a bare Parameter by position."""
+    run, refs = profiled.run, profiled.ref(case)
+    if case == "bare":  # the bare Parameter's fallback name is param_groups.0.2, not under "bare."
+        index = next(o["index"] for o in run.meta["optimizers"] if o["names"][0].startswith("bare."))
+    else:
+        index = optimizer_of(run, f"{case}.")
+    check_records(run, index, refs)
+    entry = run.meta["optimizers"][index]
+    assert entry["names"] == list(refs[0]["layers"])
+    assert not any("_orig_mod" in n or "_checkpoint_wrapped_module" in n for n in entry["names"])
+    if case == "tied":
+        assert entry["aliases"] == {"tied.encoder.weight": ["tied.decoder.weight"]}
+    if case == "wrappers":
+        assert "wrappers.0.module.weight" in entry["names"]
+
+
+@naming_run
+def test_add_param_group_mid_run(profiled: Any) -> None:
+    """The names are resolved again when the layout changes (2 -> 4 tensors). The new layout is a new
+    optimizer entry, and its step index goes on from the old one's, so a series joined by layer name
+    has one row per update."""
+    run, refs = profiled.run, profiled.ref("add-group")
+    before, after = optimizer_indices(run, "add-group.")
+    assert len(run.meta["optimizers"][before]["names"]) == 2 and len(run.meta["optimizers"][after]["names"]) == 4
+    check_records(run, before, refs[:2])
+    check_records(run, after, refs[2:], first_step=2)
+    head = run.layers[(run.layers.layer == "add-group.2.weight")]
+    assert sorted(head.step) == [0, 1, 2, 3]
+
+
+@naming_run
+def test_optimizer_recreated_every_epoch_joins_one_series(profiled: Any) -> None:
+    """A new Adam (and scheduler, which keeps the old one alive in a reference cycle) every epoch."""
+    run, refs = profiled.run, profiled.ref("recreate")
+    check_records(run, optimizer_of(run, "recreate."), refs)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.profiled("rec_compile.py", "model", "step")
+@pytest.mark.parametrize("case", ["model", "step"])
+def test_torch_compile(profiled: Any, case: str) -> None:
+    """torch.compile(model): names without ``_orig_mod.``; torch.compile(opt.step): the hooks run
+    (eagerly, at a graph break) and the script does not crash. See rec_compile.py for the backends."""
+    run, refs = profiled.run, profiled.ref(case)
+    index = optimizer_of(run, f"{case}.")
+    check_records(run, index, refs)
+    assert not any("_orig_mod" in n for n in run.meta["optimizers"][index]["names"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Hand-written update loops (no torch.optim): the classic word-language-model RNN
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.profiled("rec_handwritten.py", "clip", "zerograd")
+@pytest.mark.parametrize("mode", ["clip", "zerograd"])
+def test_hand_written_update_loop(profiled: Any, mode: str) -> None:
+    """clip_grad_norm_ then p.data.add_(p.grad, alpha=-lr), with model.zero_grad() at the top of each
+    iteration (and the same loop without clipping): one record per update, the last one included; the
+    decoder tied to the encoder is one tensor with an alias."""
+    run, refs = profiled.run, profiled.ref(mode)
+    index = optimizer_of(run, f"{mode}.")
+    assert run.meta["optimizers"][index]["class"] == "manual"
+    assert run.meta["optimizers"][index]["aliases"] == {f"{mode}.encoder.weight": [f"{mode}.decoder.weight"]}
+    steps = check_records(run, index, refs)
+    assert list(steps.n_backward) == [1] * len(refs)
+    assert [close(a, r["applied"]) for a, r in zip(steps.applied_norm, refs, strict=True)] == [True] * len(refs)
+    if mode == "clip":
+        assert [close(a, r["returned"]) for a, r in zip(steps.grad_norm, refs, strict=True)] == [True] * len(refs)
+        assert (steps.clip_source == "script").all() and (steps.max_norm == 0.25).all()
+        assert (steps.grad_norm > 0.25).all()  # every step clipped: applied is the max_norm
+    else:
+        assert (steps.clip_source == "none").all() and (steps.applied_norm == steps.grad_norm).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# The Python API: an optimizer created before the recorder started
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.profiled("rec_api_early.py", plain=True)
+def test_optimizer_created_before_the_recorder(profiled: Any) -> None:
+    """torch's global step hooks reach an optimizer made before they were registered; its clip call
+    before the first step is the script's clipping (an optimizer exists), not a hand-written update."""
+    run, refs = profiled.run, profiled.ref("api")
+    assert [o["class"] for o in run.meta["optimizers"]] == ["SGD"]
+    steps = check_records(run, 0, refs)
+    assert (steps.clip_source == "script").all() and (steps.max_norm == 0.5).all()
+    assert (steps.grad_norm > 0.5).all() and [close(a, 0.5) for a in steps.applied_norm] == [True] * len(refs)
