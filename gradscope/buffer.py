@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
-from gradscope.measure import nan_on, zero_on
 
-
-@dataclass
+@dataclass(slots=True)
 class Row:
     """One optimizer step being recorded. Tensors are float32 0-dim (per_tensor: (P,)) on one device."""
 
@@ -75,19 +74,75 @@ class StepBuffer:
 
 
 def _device_values(rows: list[Row]) -> tuple[np.ndarray, np.ndarray]:
-    """All device values of ``rows`` in one host copy: (N, P) per-tensor norms and (N, 5) scalars."""
+    """All device values of ``rows`` in one host copy: (N, P) per-tensor norms and (N, 5) scalars.
+
+    Only the tensors a row holds are stacked: a missing loss, loss scale or found_inf is filled in on
+    the host (NaN, NaN, 0.0, as the device placeholders were), and an unclipped row's applied norm,
+    the same tensor as its raw norm, is copied from it. Fewer 0-dim tensors to stack per flush.
+    """
     device = rows[0].per_tensor.device
-    nan, zero = nan_on(device), zero_on(device)
-    scalars = []
-    for row in rows:
-        found = row.found_inf if row.found_inf is not None else zero
-        scalars += [row.g_raw, row.g_applied, row.loss if row.loss is not None else nan,
-                    row.loss_scale if row.loss_scale is not None else nan, found]
-    scalars = [s if s.device == device else s.to(device) for s in scalars]
-    per = torch.stack([r.per_tensor.to(device) for r in rows])  # (N, P)
-    flat = torch.cat([per.reshape(-1), torch.stack(scalars)]).cpu()  # the flush's one host sync
-    n, p = per.shape
-    return flat[: n * p].numpy().reshape(n, p), flat[n * p :].numpy().reshape(n, 5).astype(np.float64)
+    n = len(rows)
+    scal = np.empty((n, 5), dtype=np.float64)
+    scal[:, 2:4] = np.nan  # loss, loss_scale
+    scal[:, 4] = 0.0  # found_inf
+    tensors: list[torch.Tensor] = []
+    where: list[int] = []  # flat index into scal of each stacked tensor
+    same: list[int] = []  # rows whose applied norm is their raw norm (no clipping)
+    for i, row in enumerate(rows):
+        base = 5 * i
+        tensors.append(row.g_raw)
+        where.append(base)
+        if row.g_applied is row.g_raw:
+            same.append(i)
+        else:
+            tensors.append(row.g_applied)
+            where.append(base + 1)
+        if row.loss is not None:
+            tensors.append(row.loss)
+            where.append(base + 2)
+        if row.loss_scale is not None:
+            tensors.append(row.loss_scale)
+            where.append(base + 3)
+        if row.found_inf is not None:
+            tensors.append(row.found_inf)
+            where.append(base + 4)
+    tensors = [s if s.device == device else s.to(device) for s in tensors]
+    per = torch.stack([r.per_tensor if r.per_tensor.device == device else r.per_tensor.to(device) for r in rows])  # (N, P)
+    flat = torch.cat([per.reshape(-1), torch.stack(tensors)]).cpu()  # the flush's one host sync
+    p = per.shape[1]
+    scal.reshape(-1)[where] = flat[n * p :].numpy()
+    scal[same, 1] = scal[same, 0]
+    return flat[: n * p].numpy().reshape(n, p), scal
+
+
+def _numeric(values: Any, dtype: Any, arrow_type: pa.DataType, valid: np.ndarray | None = None) -> pa.Array:
+    """An arrow column made from its buffers, ``valid`` False where it is null.
+
+    Never ``pa.array()``: its first call imports pandas (about 45 MB of resident memory in the user's
+    training process) and it converts Python objects one at a time.
+    """
+    data = np.ascontiguousarray(values, dtype=dtype)
+    if arrow_type == pa.bool_():
+        buffer = pa.py_buffer(np.packbits(data, bitorder="little"))
+    else:
+        buffer = pa.py_buffer(data)
+    nulls = 0 if valid is None else int(len(valid) - np.count_nonzero(valid))
+    bitmap = pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None
+    return pa.Array.from_buffers(arrow_type, len(data), [bitmap, buffer], null_count=nulls)
+
+
+def _strings(values: list[str] | np.ndarray, dictionary: list[str] | None = None) -> pa.Array:
+    """A string column: int32 indices into ``dictionary`` (or the distinct values), cast to plain strings."""
+    if dictionary is None:
+        dictionary = sorted(set(values))
+        where = {v: i for i, v in enumerate(dictionary)}
+        values = [where[v] for v in values]
+    encoded = [v.encode("utf-8") for v in dictionary]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    names = pa.Array.from_buffers(pa.string(), len(encoded), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))])
+    indices = _numeric(values, np.int32, pa.int32())
+    return pa.DictionaryArray.from_arrays(indices, names).cast(pa.string())
 
 
 def _columns(rows: list[Row]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -95,29 +150,34 @@ def _columns(rows: list[Row]) -> tuple[dict[str, Any], dict[str, Any]]:
     g_raw, g_applied, loss, loss_scale, found_inf = scal.T
     with np.errstate(divide="ignore", invalid="ignore"):
         coef = np.where(g_raw > 0, g_applied / g_raw, 1.0)
-    skipped = np.array([r.skipped for r in rows]) | (found_inf > 0)
+    skipped = np.array([r.skipped for r in rows], dtype=bool) | (found_inf > 0)
     slot = rows[0].slot
-    steps = {
-        "step": [r.step for r in rows],
-        "optimizer": [slot.index] * len(rows),
-        "grad_norm": g_raw,
-        "applied_norm": g_applied,
-        "max_norm": [r.max_norm for r in rows],
-        "clip_source": [r.clip_source for r in rows],
-        "clip_coef": coef,
-        "loss": [None if math.isnan(v) else float(v) for v in loss],
-        "n_backward": [r.n_backward for r in rows],
-        "lr": [_host_float(r.lr) for r in rows],
-        "loss_scale": [None if math.isnan(v) else float(v) for v in loss_scale],
-        "skipped": skipped,
-        "nonfinite": ~np.isfinite(g_raw),
-        "time_s": [r.time_s for r in rows],
-    }
     n, p = per.shape
+    step = np.array([r.step for r in rows], dtype=np.int64)
+    max_norm = [r.max_norm for r in rows]
+    max_norm_valid = np.array([m is not None for m in max_norm], dtype=bool)
+    steps = {
+        "step": _numeric(step, np.int64, pa.int64()),
+        "optimizer": _numeric(np.full(n, slot.index), np.int16, pa.int16()),
+        "grad_norm": _numeric(g_raw, np.float64, pa.float64()),
+        "applied_norm": _numeric(g_applied, np.float64, pa.float64()),
+        "max_norm": _numeric([0.0 if m is None else m for m in max_norm], np.float64, pa.float64(), max_norm_valid),
+        "clip_source": _strings([r.clip_source for r in rows]),
+        "clip_coef": _numeric(coef, np.float64, pa.float64()),
+        "loss": _numeric(loss, np.float64, pa.float64(), ~np.isnan(loss)),  # NaN: no loss this step (null)
+        "n_backward": _numeric([r.n_backward for r in rows], np.int32, pa.int32()),
+        "lr": _numeric([_host_float(r.lr) for r in rows], np.float64, pa.float64()),
+        "loss_scale": _numeric(loss_scale, np.float64, pa.float64(), ~np.isnan(loss_scale)),
+        "skipped": _numeric(skipped, bool, pa.bool_()),
+        "nonfinite": _numeric(~np.isfinite(g_raw), bool, pa.bool_()),
+        "time_s": _numeric([r.time_s for r in rows], np.float64, pa.float64()),
+    }
     layers = {
-        "step": np.repeat(np.asarray(steps["step"], dtype=np.int64), p),
-        "optimizer": np.full(n * p, slot.index, dtype=np.int16),
-        "layer": np.tile(np.asarray(slot.names, dtype=object), n),
-        "norm": per.reshape(-1),
+        "step": _numeric(np.repeat(step, p), np.int64, pa.int64()),
+        "optimizer": _numeric(np.full(n * p, slot.index), np.int16, pa.int16()),
+        # One index per row and the names once: converting n*p Python strings was most of a flush on
+        # models with many tensors. The column written is the same string column.
+        "layer": _strings(np.tile(np.arange(p, dtype=np.int32), n), list(slot.names)),
+        "norm": _numeric(per.reshape(-1), np.float32, pa.float32()),
     }
     return steps, layers

@@ -156,7 +156,124 @@ def profile(
 
 # --- recommend: see gradscope/recommend.py --------------------------------------------------------
 
+
+@app.command()
+def recommend(
+    run: RunArg = None,
+    runs_dir: RunsDirOpt = None,
+    percentile: Annotated[
+        float,
+        typer.Option(
+            help="Set max_norm at this percentile (0 < P <= 100) of the pre-clip global norm. "
+            "A high one (95-99) guards against spikes; a low one (AutoClip's 10) clips most steps.",
+        ),
+    ] = 95.0,
+    skip_steps: Annotated[
+        int,
+        typer.Option(min=0, help="Leave each optimizer's first N steps (warm-up) out of the analysis."),
+    ] = 0,
+    optimizer: Annotated[
+        int | None,
+        typer.Option(
+            help="Analyse only the optimizer with this index. By default each optimizer gets its own recommendation.",
+            show_default=False,
+        ),
+    ] = None,
+    json_output: Annotated[
+        bool,
+        typer.Option("--json", help="Print one JSON document (schema gradscope.recommend/1) instead of the report."),
+    ] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also draw the norm over steps with max_norm, and its histogram, to this file (.png, .svg or .pdf).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Recommend a [bold]clip_grad_norm_[/bold] max_norm from a recorded run, with the evidence for it.
+
+    By default max_norm is the 95th percentile (numpy's linear interpolation) of the pre-clip global
+    gradient norm over the finite steps GradScaler did not skip. The report shows the distribution, what
+    candidate thresholds would clip, spikes and the layers behind them, the first non-finite step,
+    warm-up, and per-layer norms. Exit codes: 0 ok, 1 no such run or not readable, 2 bad option, 3 no
+    usable steps.
+    """
+    from gradscope import plots, report, store
+    from gradscope import recommend as analysis
+
+    if plot is not None:
+        plots.check_path(plot)  # a bad file name fails before the analysis, not after
+    loaded = store.load_run(run, runs_dir)
+    recommendations = analysis.analyse(loaded, percentile=percentile, skip_steps=skip_steps, optimizer=optimizer)
+    if plot is not None:
+        written = plots.save_figure(plots.plot_recommend(loaded, recommendations), plot)
+        print(f"gradscope: wrote {written}", file=sys.stderr)
+    if json_output:
+        report.render_json(recommendations)
+    else:
+        report.render_text(recommendations)
+
+
 # --- compare: see gradscope/compare.py ------------------------------------------------------------
+
+
+@app.command()
+def compare(
+    run: RunArg = None,
+    max_norm: Annotated[
+        str,
+        typer.Option(
+            "--max-norm",
+            help="Thresholds to try, separated by commas: positive numbers, or auto for the max_norm that "
+            "gradscope recommend gives (its default rule, p95). Several values make a sweep.",
+        ),
+    ] = "auto",
+    seeds: Annotated[
+        int,
+        typer.Option(min=1, help="Run every arm with this many seeds (the recorded seed, +1, +2...) and report "
+                                 "mean and spread, so the verdict can tell an effect from seed noise."),
+    ] = 1,
+    steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="Stop each arm cleanly after this many optimizer steps. Defaults to the "
+                                 "number of steps the recorded run made.", show_default=False),
+    ] = None,
+    max_time: Annotated[
+        float | None,
+        typer.Option(min=0.0, help="Stop each arm cleanly at its first optimizer step after this many seconds.",
+                     show_default=False),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Directory for the arm logs, the plots and compare.json. Defaults to a new "
+                                   "compare-TIME directory in the runs directory.", show_default=False),
+    ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the comparison as one JSON document instead of the table."),
+    ] = False,
+    runs_dir: RunsDirOpt = None,
+) -> None:
+    """Rerun the script of RUN with clipping injected before every optimizer step, and compare.
+
+    Each arm is a fresh [bold]gradscope profile[/bold] of the recorded command (same arguments, working
+    directory and seed), one at a time, with its output in a log file. The unclipped baseline is the
+    recorded run when it was seeded and unclipped, else a baseline arm with the script's own clipping
+    disabled. Prints a table per arm, a verdict, and writes loss and gradient-norm plots.
+    Exit codes: 0 ok (also when an arm crashed or diverged: the table says so), 1 no such run, script
+    gone or every arm failed, 2 bad option, 3 no steps to recommend from, 130 Ctrl-C.
+    """
+    from gradscope import compare as compare_module
+    from gradscope import compare_view
+
+    options = compare_module.CompareOptions(run=run, runs_dir=runs_dir, max_norm=max_norm, seeds=seeds,
+                                            steps=steps, max_time=max_time, out_dir=out)
+    plan = compare_module.plan_compare(options)
+    compare_view.print_plan(plan)
+    with compare_view.ArmProgress(plan.step_cap) as progress:
+        result = compare_module.run_compare(plan, progress)
+    raise typer.Exit(compare_view.report(result, as_json=as_json))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,6 +73,23 @@ def stack_on(values: Sequence[torch.Tensor], device: torch.device) -> torch.Tens
     return torch.stack([v if v.device == device else v.to(device, non_blocking=True) for v in values])
 
 
+_TENSOR = torch.Tensor
+_STRIDED = torch.strided
+
+
+def stacked_norms(grads: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``stack_on(tensor_norms(grads), device)``: the per-tensor L2 norms as one float32 vector on ``device``.
+
+    The usual step (plain dense gradients, all on ``device``) is one ``_foreach_norm`` and one
+    ``stack``, the same two ops and the same values as the general path, without its per-tensor
+    Python work (DTensor and sparse checks, grouping by device, moving). Anything else (DTensor,
+    sparse, several devices) takes the general path.
+    """
+    if all(type(g) is _TENSOR and g.layout is _STRIDED and g.device == device for g in grads):
+        return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    return stack_on(tensor_norms(grads), device)
+
+
 def global_norm(per_tensor: torch.Tensor) -> torch.Tensor:
     """The L2 norm of a vector of per-tensor norms: ``get_total_norm``'s definition."""
     return torch.linalg.vector_norm(per_tensor)

@@ -39,7 +39,14 @@ from torch import nn
 from gradscope import __version__, store
 from gradscope.buffer import Row, StepBuffer
 from gradscope.errors import StopRun
-from gradscope.measure import clip_coefficient, global_norm, nan_on, stack_on, tensor_norms, zero_on
+from gradscope.measure import (
+    clip_coefficient,
+    global_norm,
+    nan_on,
+    stack_on,
+    stacked_norms,
+    tensor_norms,
+)
 from gradscope.naming import resolve_names
 from gradscope.patches import Patcher
 
@@ -88,6 +95,10 @@ class _Layout:
     slot: _Slot
     position: dict[int, int]  # id(param) -> index in params
     scatter_index: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+    all_present: tuple[int, ...] = field(init=False)  # present indices when every param has a grad (the usual step)
+
+    def __post_init__(self) -> None:
+        self.all_present = tuple(range(len(self.params)))
 
 
 @dataclass
@@ -146,6 +157,7 @@ class Recorder:
         self._buffer = StepBuffer()
         self._writer: store.RunWriter | None = None
         self._layouts: weakref.WeakKeyDictionary[Any, _Layout] = weakref.WeakKeyDictionary()
+        self._last_layout: tuple[weakref.ref[Any], _Layout] | None = None  # the last optimizer's: skips the lookup
         self._slots: dict[tuple[Any, ...], _Slot] = {}
         self._started = False
         self._stopped = False
@@ -385,7 +397,8 @@ class Recorder:
         if self._depth and not self._in_closure:
             self._depth = 0  # the last step raised before its post hook: start clean
         if self._window_closed:
-            self._commit_manual()  # a hand-written update loop: the previous update is over
+            if self._manual_draft is not None:
+                self._commit_manual()  # a hand-written update loop: the previous update is over
             self._loss_sum, self._loss_ok, self._n_backward = None, True, 0
             self._clip_calls = []
             self._window_closed = False
@@ -395,7 +408,9 @@ class Recorder:
             if root.numel() != 1:
                 self._loss_ok = False  # out.backward(gradient) on a non-scalar: no loss to report
                 continue
-            value = self._unscaled(root).reshape(()).float()
+            value = self._unscaled(root)
+            if value.dim() or value.dtype is not torch.float32:  # a 0-dim fp32 loss (the usual) needs neither op
+                value = value.reshape(()).float()
             self._loss_sum = value if self._loss_sum is None else self._loss_sum + value.to(self._loss_sum.device)
         self._pending_scale = None
 
@@ -494,9 +509,13 @@ class Recorder:
     def _layout(self, optimizer: Any) -> _Layout:
         groups = optimizer.param_groups
         # Cheap per-step check; names are resolved again only when the parameter layout changes.
-        signature = tuple((id(g["params"]), len(g["params"])) for g in groups)
+        signature = tuple([(id(g["params"]), len(g["params"])) for g in groups])
+        last = self._last_layout
+        if last is not None and last[0]() is optimizer and last[1].signature == signature:
+            return last[1]
         layout = self._layouts.get(optimizer)
         if layout is not None and layout.signature == signature:
+            self._last_layout = (weakref.ref(optimizer), layout)
             return layout
         params = [p for g in groups for p in g["params"]]
         group_of = [(gi, pi) for gi, g in enumerate(groups) for pi in range(len(g["params"]))]
@@ -504,6 +523,7 @@ class Recorder:
         if layout is not None:  # add_param_group mid-run: a new series, whose step index goes on from the old one's
             new.slot.steps = max(new.slot.steps, layout.slot.steps)
         self._layouts[optimizer] = new
+        self._last_layout = (weakref.ref(optimizer), new)
         return new
 
     def _new_layout(self, signature: tuple[Any, ...], params: list[torch.Tensor], group_of: list[tuple[int, int]],
@@ -538,18 +558,23 @@ class Recorder:
 
     def _measure_params(self, layout: _Layout, grad_scale: Any = None) -> Row:
         grads = [p.grad for p in layout.params]
-        present = tuple(i for i, g in enumerate(grads) if g is not None)
-        if not present:
-            device = layout.params[0].device if layout.params else torch.device("cpu")
-            nan = nan_on(device)
-            return Row(layout.slot, torch.full((len(layout.params),), math.nan, device=device), nan, nan)
-        applied = stack_on(tensor_norms([grads[i] for i in present]), grads[present[0]].device)  # (Q,) fp32
+        if grads and not any(g is None for g in grads):  # the usual step: every param has a grad
+            present, dense = layout.all_present, grads
+        else:
+            present = tuple(i for i, g in enumerate(grads) if g is not None)
+            if not present:
+                device = layout.params[0].device if layout.params else torch.device("cpu")
+                nan = nan_on(device)
+                return Row(layout.slot, torch.full((len(layout.params),), math.nan, device=device), nan, nan)
+            dense = [grads[i] for i in present]
+        applied = stacked_norms(dense, dense[0].device)  # (Q,) fp32
         if isinstance(grad_scale, torch.Tensor):
             applied = applied / grad_scale.to(applied.device).float()
-        raw = self._undo_script_clip(layout, present, applied)
+        raw = self._undo_script_clip(layout, present, applied) if self._clip_calls else applied
         g_raw = global_norm(raw)
         g_applied = g_raw if raw is applied else global_norm(applied)
-        return Row(layout.slot, self._scatter(layout, present, raw), g_raw, g_applied)
+        return Row(layout.slot, raw if present is layout.all_present else self._scatter(layout, present, raw), g_raw,
+                   g_applied)
 
     def _scatter(self, layout: _Layout, present: tuple[int, ...], values: torch.Tensor) -> torch.Tensor:
         if len(present) == len(layout.params):
@@ -596,7 +621,9 @@ class Recorder:
             loss = closure_result.detach().reshape(()).float()  # a closure that never called backward
         elif not self._loss_ok:
             loss = None
-        row.loss = loss.to(device, non_blocking=True) if loss is not None else None
+        if loss is not None and loss.device != device:  # .to() is a no-op then, but not a free one per step
+            loss = loss.to(device, non_blocking=True)
+        row.loss = loss
         row.n_backward = self._n_backward
         row.lr = optimizer.param_groups[0].get("lr") if getattr(optimizer, "param_groups", None) else None
         if isinstance(row.lr, torch.Tensor):  # a Tensor lr: schedulers fill_ it in place; keep this step's value
@@ -737,15 +764,17 @@ class Recorder:
     # ----------------------------------------------------------------------------------------------
 
     def _commit(self, row: Row) -> None:
-        row.step = row.slot.steps
-        row.slot.steps += 1
+        slot, buffer, cfg = row.slot, self._buffer, self.config
+        row.step = slot.steps
+        slot.steps += 1
         row.time_s = time.perf_counter() - self._t0
-        self._buffer.add(row)
+        buffer.add(row)
         self._commits += 1
         self._window_closed = True
-        if self._buffer.pending >= self.config.flush_every:
-            interval = max(self.config.flush_seconds, 0.002 * row.time_s)  # fewer parts as a long run ages
-            if time.perf_counter() - self._last_flush >= interval or self._buffer.pending >= 100 * self.config.flush_every:
+        pending = buffer.pending
+        if pending >= cfg.flush_every:
+            interval = max(cfg.flush_seconds, 0.002 * row.time_s)  # fewer parts as a long run ages
+            if time.perf_counter() - self._last_flush >= interval or pending >= 100 * cfg.flush_every:
                 self._guard("flush", self._flush)
         self._check_stop(row)
 

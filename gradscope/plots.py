@@ -1,0 +1,249 @@
+"""Figures written to files, with matplotlib's object API only.
+
+Every figure is a ``matplotlib.figure.Figure`` drawn by the Agg canvas and saved with
+:func:`save_figure`: no pyplot, so no global figure state, no GUI backend, and nothing leaks
+between calls (or between the tests that call them). matplotlib is imported inside the functions,
+so importing this module costs nothing; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gradscope.errors import GradscopeError, UsageError
+from gradscope.store import Run
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from gradscope.recommend import Recommendation
+
+#: Pixels per inch of saved figures: sizes in pixels are figsize x DPI, exactly (no tight bbox).
+DPI = 100
+#: Above this many steps the series is drawn as per-bin max and median rather than every point.
+MAX_POINTS = 4000
+SUFFIXES = (".png", ".svg", ".pdf")
+RECOMMEND_FIGSIZE = (12.0, 4.5)  # inches per optimizer row
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A Figure with an Agg canvas attached (the object API's equivalent of ``plt.figure``)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def check_path(path: str | Path) -> Path:
+    """``path`` as a Path when its suffix is one :func:`save_figure` writes.
+
+    Raises:
+        UsageError: any other suffix.
+    """
+    target = Path(path)
+    if target.suffix.lower() not in SUFFIXES:
+        raise UsageError(f"--plot {target}: use a file name ending in {', '.join(SUFFIXES)}")
+    return target
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Save ``fig`` to ``path`` (.png, .svg or .pdf) at :data:`DPI`.
+
+    Raises:
+        UsageError: the suffix is not one matplotlib writes here.
+        GradscopeError: the file cannot be written.
+    """
+    target = check_path(path)
+    try:
+        fig.savefig(target, dpi=DPI)
+    except OSError as exc:
+        raise GradscopeError(f"cannot write the plot {target}: {exc.strerror or exc}") from None
+    return target
+
+
+def plot_recommend(run: Run, recommendations: Sequence[Recommendation], path: str | Path | None = None) -> Figure:
+    """Draw, per optimizer, the norm over steps (log scale) with max_norm, and the norm histogram.
+
+    Returns the Figure (two axes per optimizer: series, histogram), saved to ``path`` when given.
+    """
+    table = run.read_table("steps", ["step", "optimizer", "grad_norm", "skipped"])
+    columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    fig = new_figure(RECOMMEND_FIGSIZE[0], RECOMMEND_FIGSIZE[1] * len(recommendations))
+    grid = fig.add_gridspec(len(recommendations), 2, width_ratios=(2, 1))
+    for row, rec in enumerate(recommendations):
+        mine = columns["optimizer"] == rec.optimizer
+        order = np.argsort(columns["step"][mine], kind="stable")
+        steps, norms = columns["step"][mine][order], columns["grad_norm"][mine][order].astype(np.float64)
+        skipped = columns["skipped"][mine][order].astype(bool)
+        _draw_series(fig.add_subplot(grid[row, 0]), steps, norms, rec)
+        used = np.isfinite(norms) & ~skipped & (steps >= steps.min() + rec.skip_steps)
+        _draw_histogram(fig.add_subplot(grid[row, 1]), norms[used], rec)
+    fig.suptitle(f"gradscope recommend: {recommendations[0].run_id}")
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def _draw_series(ax: Axes, steps: np.ndarray, norms: np.ndarray, rec: Recommendation) -> None:
+    ax.axhline(rec.max_norm, color="tab:red", linestyle="--", linewidth=1.2,
+               label=f"max_norm = {rec.max_norm:.4g} (p{rec.percentile:g}, clips {rec.clip_rate:.1%})")
+    shown = np.isfinite(norms) & (norms > 0)  # a log axis cannot show 0, inf or NaN
+    if len(steps) > MAX_POINTS:
+        _draw_binned(ax, steps[shown], norms[shown])
+    else:
+        ax.plot(steps[shown], norms[shown], color="tab:blue", linewidth=0.8, label="pre-clip global norm")
+    bad = steps[~np.isfinite(norms)]
+    if len(bad):  # non-finite steps: ticks along the top edge
+        ax.plot(bad, np.ones(len(bad)), "|", color="black", markersize=10, transform=ax.get_xaxis_transform(),
+                label=f"non-finite ({len(bad)})")
+    if rec.skip_steps:
+        ax.axvspan(steps.min(), steps.min() + rec.skip_steps, color="0.85", label="left out (--skip-steps)")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"L{rec.norm_type:g} norm before clipping")
+    ax.set_title(f"optimizer {rec.optimizer_label}: gradient norm per step")
+    ax.legend(loc="upper right", fontsize="small")
+
+
+def _draw_binned(ax: Axes, steps: np.ndarray, norms: np.ndarray) -> None:
+    """Per-bin max and median: a million points would draw as a solid block, and slowly."""
+    width = math.ceil(len(steps) / MAX_POINTS)
+    n = len(steps) // width * width
+    x = steps[:n].reshape(-1, width)[:, 0]
+    binned = norms[:n].reshape(-1, width)
+    ax.plot(x, binned.max(axis=1), color="tab:blue", linewidth=0.6, alpha=0.6, label=f"max per {width} steps")
+    ax.plot(x, np.median(binned, axis=1), color="tab:blue", linewidth=1.0, label=f"median per {width} steps")
+
+
+def _draw_histogram(ax: Axes, norms: np.ndarray, rec: Recommendation) -> None:
+    positive = norms[norms > 0]
+    if len(positive):
+        low, high = positive.min(), positive.max()
+        bins = np.geomspace(low, high if high > low else low * 1.01, 60)  # log-spaced: norms span decades
+        ax.hist(positive, bins=bins, color="tab:blue", alpha=0.7)
+    ax.set_xscale("log")
+    d = rec.distribution
+    marks = {"p50": d.median, "p90": d.p90, "p95": d.p95, "p99": d.p99}
+    styles = {"p50": ":", "p90": "-.", "p95": "--", "p99": (0, (1, 3))}
+    for label, value in marks.items():
+        if value > 0:
+            ax.axvline(value, color="0.3", linestyle=styles[label], linewidth=1.0, label=f"{label} = {value:.3g}")
+    ax.axvline(rec.max_norm, color="tab:red", linewidth=1.5, label=f"max_norm (p{rec.percentile:g})")
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow log axis labels every minor tick, overlapping
+    ax.set_xlabel("pre-clip global norm (log)")
+    ax.set_yscale("log")  # the tail that clipping acts on is a few steps per bin: visible only on a log axis
+    ax.set_ylabel("steps (log)")
+    ax.set_title(f"distribution over {d.n_used} steps")
+    ax.legend(loc="upper right", fontsize="small")
+
+
+# --------------------------------------------------------------------------------------------------
+# gradscope compare (loss curves of every arm on one axis; grad norm per arm with its threshold)
+# --------------------------------------------------------------------------------------------------
+
+
+if TYPE_CHECKING:
+    from gradscope.compare_analysis import ArmResult, Comparison, SeedResult
+
+
+def _arm_color(index: int) -> str:
+    return f"C{index % 10}"  # the same colour for an arm in both compare plots
+
+
+def plot_compare_loss(comparison: Comparison, path: str | Path | None = None) -> Figure:
+    """Loss per step of every arm and seed on one axis: raw (faint) and smoothed (solid).
+
+    Two lines per seed that recorded steps (raw, then smoothed), one legend entry per arm. The y
+    axis is logarithmic when every finite loss is positive, so spikes do not flatten the rest.
+    Non-finite losses are gaps, with an ``x`` where a seed first diverged. Saved when ``path`` is given.
+    """
+    from gradscope.compare_analysis import arm_title, smooth_window
+
+    fig = new_figure(10.0, 5.5)
+    ax = fig.add_subplot()
+    positive, window = True, 5
+    for index, arm in enumerate(comparison.arms):
+        for k, seed in enumerate(s for s in arm.seeds if s.n_steps):
+            loss = seed.frame["loss"].astype(float)
+            positive = positive and bool((loss[np.isfinite(loss)] > 0).all())
+            window = smooth_window(len(loss))
+            _draw_loss(ax, seed, _arm_color(index), None if k else arm_title(arm))
+    if positive and any(s.n_steps for a in comparison.arms for s in a.seeds):
+        ax.set_yscale("log")
+    ax.set(xlabel="optimizer step", ylabel="loss",
+           title=f"Loss per step: raw (faint) and trailing mean over {window} steps (solid)")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right", fontsize="small")
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def _draw_loss(ax: Axes, seed: SeedResult, color: str, label: str | None) -> None:
+    from gradscope.compare_analysis import smoothed
+
+    steps, loss = seed.frame["step"].to_numpy(), seed.frame["loss"].astype(float)
+    finite = np.isfinite(loss)
+    ax.plot(steps, loss.where(finite).to_numpy(), color=color, alpha=0.22, linewidth=0.7)
+    ax.plot(steps, smoothed(loss).where(finite).to_numpy(), color=color, linewidth=1.7, label=label)
+    if seed.first_nonfinite_step is not None and finite.any():  # a marker (a collection, not a line)
+        ax.scatter([seed.first_nonfinite_step], [loss[finite].max()], marker="x", color=color, s=60)
+
+
+def _draw_norms(ax: Axes, arm: ArmResult, color: str) -> None:
+    drawn = [s for s in arm.seeds if s.n_steps]
+    for k, seed in enumerate(drawn):
+        norm = seed.frame["grad_norm"].astype(float)
+        label = None if k else "pre-clip norm" + (f", {len(drawn)} seeds" if len(drawn) > 1 else "")
+        ax.plot(seed.frame["step"].to_numpy(), norm.where(np.isfinite(norm) & (norm > 0)).to_numpy(),
+                color=color, linewidth=0.8, alpha=0.75, label=label)
+
+
+def _draw_thresholds(ax: Axes, arm: ArmResult, thresholds: list[tuple[int, float]]) -> None:
+    """The arm's own threshold (dashed); on the baseline's axis, every arm's threshold (dotted)."""
+    if arm.max_norm is not None:
+        ax.axhline(arm.max_norm, color="black", linestyle="--", linewidth=1.2, label=f"max_norm={arm.max_norm:g}")
+        return
+    for index, value in thresholds:
+        ax.axhline(value, color=_arm_color(index), linestyle=":", linewidth=1.2, label=f"max_norm={value:g}")
+
+
+def plot_compare_grad_norm(comparison: Comparison, path: str | Path | None = None) -> Figure:
+    """Pre-clip global gradient norm per step, one axis per arm (shared, logarithmic y).
+
+    Each axis has one line per seed that recorded steps, plus its threshold as a dashed horizontal
+    line; the baseline's axis draws every threshold (dotted), to show where each would cut the
+    unclipped norms. Saved when ``path`` is given.
+    """
+    from gradscope.compare_analysis import arm_title
+
+    arms = comparison.arms
+    fig = new_figure(10.0, 1.0 + 2.4 * max(1, len(arms)))
+    axes = fig.subplots(max(1, len(arms)), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
+    thresholds = [(index, a.max_norm) for index, a in enumerate(arms) if a.max_norm is not None]
+    for index, (ax, arm) in enumerate(zip(axes, arms, strict=False)):
+        _draw_norms(ax, arm, _arm_color(index))
+        _draw_thresholds(ax, arm, thresholds)
+        ax.set_title(arm_title(arm), loc="left", fontsize=10)
+        ax.set_ylabel("grad norm")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right", fontsize="small")
+    if any(s.n_steps for a in arms for s in a.seeds):
+        axes[0].set_yscale("log")
+    axes[-1].set_xlabel("optimizer step")
+    fig.suptitle("Global gradient norm before clipping, per arm")
+    if path is not None:
+        save_figure(fig, path)
+    return fig

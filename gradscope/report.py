@@ -1,0 +1,256 @@
+"""Render :class:`gradscope.recommend.Recommendation` objects: rich tables, plain text, or JSON.
+
+The text report is built once as a list of neutral blocks (lines and tables) and then drawn either
+with rich (when stdout is a terminal) or as plain aligned text (when piped), so both show the same
+numbers. The JSON document has a ``"schema": "gradscope.recommend/1"`` key; its keys are stable and
+documented in docs/recommend.md. rich is imported only when a terminal will see it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from gradscope import __version__
+from gradscope.recommend import PERCENTILE_METHOD, WARMUP_MAX_STEPS, Recommendation, Spike
+
+#: Bump the number after the slash on any incompatible change to the JSON keys.
+JSON_SCHEMA = "gradscope.recommend/1"
+#: Layers listed in the text report (the JSON lists all of them).
+LAYERS_SHOWN = 10
+CLIP_RULE = "a threshold clips a step when the step's pre-clip global norm is greater than it"
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON
+# --------------------------------------------------------------------------------------------------
+
+
+def to_json(recommendations: Sequence[Recommendation]) -> dict[str, Any]:
+    """The JSON document for ``recommendations`` (one run), as plain dicts; NaN and inf become null."""
+    first = recommendations[0]
+    run = {"id": first.run_id, "path": first.run_path, "status": first.run_status,
+           "complete": first.complete, "note": first.status_note}
+    per_optimizer = []
+    for rec in recommendations:
+        body = dataclasses.asdict(rec)
+        for key in ("run_id", "run_path", "run_status", "complete", "status_note", "percentile", "skip_steps"):
+            body.pop(key)
+        per_optimizer.append(body)
+    document = {
+        "schema": JSON_SCHEMA, "gradscope_version": __version__, "run": run,
+        "percentile": first.percentile, "percentile_method": PERCENTILE_METHOD, "clip_rule": CLIP_RULE,
+        "skip_steps": first.skip_steps, "recommendations": per_optimizer,
+    }
+    return _finite(document)
+
+
+def _finite(value: Any) -> Any:
+    # JSON has no NaN or Infinity: standard parsers (jq, JavaScript) reject them.
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def render_json(recommendations: Sequence[Recommendation], file: TextIO | None = None) -> None:
+    """Write the JSON document, indented, to ``file`` (stdout by default)."""
+    out = file or sys.stdout
+    json.dump(to_json(recommendations), out, indent=2, allow_nan=False)
+    out.write("\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Neutral blocks: what the text report says, before it is drawn
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Line:
+    """A line of text; ``style`` is a rich style, ignored in plain text."""
+
+    text: str
+    style: str = ""
+
+
+@dataclass
+class Table:
+    """A titled table; text columns (the first, by default) left-aligned, numbers right-aligned."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+    text_columns: tuple[int, ...] = (0,)
+
+
+Block = Line | Table
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}g}"
+
+
+def _share(value: float) -> str:
+    return "<1%" if value < 0.005 else f"{value:.0%}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def blocks(rec: Recommendation) -> list[Block]:
+    """Everything the text report shows for one recommendation, in order."""
+    out: list[Block] = [Line(f"run {rec.run_id} ({rec.run_status}), optimizer {rec.optimizer_label}", "bold")]
+    if rec.status_note:
+        out.append(Line(rec.status_note, "bold yellow"))
+    out += [
+        Line(f"max_norm = {_num(rec.max_norm, 6)}   p{rec.percentile:g} of the pre-clip global L2 norm over "
+             f"{rec.distribution.n_used} steps; clips {_pct(rec.clip_rate)} of them", "bold green"),
+        Line(f"intent: {rec.intent_text}"),
+        _distribution_table(rec), _clip_table(rec), *_spike_blocks(rec), _nonfinite_line(rec),
+        *_warmup_lines(rec), _layers_table(rec),
+    ]
+    out += [Line(f"warning [{note.slug}]: {note.message}", "yellow") for note in rec.notes]
+    out.append(Line(f"use: torch.nn.utils.clip_grad_norm_(params, max_norm={_num(rec.max_norm, 6)})  "
+                    f"# params: what optimizer {rec.optimizer_label} updates", "bold"))
+    return out
+
+
+def _distribution_table(rec: Recommendation) -> Table:
+    d = rec.distribution
+    headers = ["steps used", "min", "median", "p90", "p95", "p99", "max"]
+    row = [str(d.n_used), *(_num(v) for v in (d.min, d.median, d.p90, d.p95, d.p99, d.max))]
+    caption = f"of {d.n_recorded} recorded: {d.n_nonfinite} non-finite, {d.n_skipped} AMP-skipped"
+    if d.n_before_skip:
+        caption += f", the first {d.n_before_skip} left out (--skip-steps {rec.skip_steps})"
+    return Table("Pre-clip global gradient norm", headers, [row], caption)
+
+
+def _clip_table(rec: Recommendation) -> Table:
+    rows = [[row.label + ("  <- recommended" if row.recommended else ""), _num(row.threshold),
+             f"{row.n_clipped}", _pct(row.clip_rate), _num(row.mean_scale, 3)]
+            for row in rec.clip_rates]
+    return Table("What each threshold would clip", ["threshold", "max_norm", "steps clipped", "clip rate",
+                                                     "mean scale-down"], rows,
+                 "mean scale-down: the mean factor clip_grad_norm_ multiplies the clipped steps' gradients by")
+
+
+def _spike_blocks(rec: Recommendation) -> list[Block]:
+    s = rec.spikes
+    rule = f"norm > {s.factor:g}x the median of the {s.window} steps before"
+    if not s.count:
+        return [Line(f"spikes ({rule}): none")]
+    rows = [[str(sp.step), _num(sp.norm), _num(sp.rolling_median), f"{sp.ratio:.1f}x", _spike_layers(sp)]
+            for sp in s.shown]
+    title = f"Spikes ({rule}): {s.count}" + (f", the {len(s.shown)} largest shown" if s.count > len(s.shown) else "")
+    headers = ["step", "norm", "rolling median", "ratio", "layers (share of squared norm)"]
+    return [Table(title, headers, rows, text_columns=(0, 4))]
+
+
+def _spike_layers(spike: Spike) -> str:
+    # Layers under 1% of the squared norm say nothing about the spike; the JSON keeps them.
+    shown = [ls for ls in spike.layers if ls.share >= 0.01] or list(spike.layers[:1])
+    return ", ".join(f"{ls.layer} {_share(ls.share)}" for ls in shown) or "-"
+
+
+def _nonfinite_line(rec: Recommendation) -> Line:
+    nf = rec.nonfinite
+    if nf.first_step is None:
+        return Line("non-finite steps: none")
+    amp = " (an AMP-skipped step: routine under fp16 loss scaling)" if nf.first_step_amp_skipped else ""
+    where = (f"; first non-finite layer {nf.first_layer} ({nf.n_layers} layer{'s' * (nf.n_layers != 1)} "
+             f"non-finite there)" if nf.first_layer else "")
+    return Line(f"non-finite steps: {nf.count}, the first at step {nf.first_step}{amp}{where}",
+                "" if nf.first_step_amp_skipped else "red")
+
+
+def _warmup_lines(rec: Recommendation) -> list[Line]:
+    w = rec.warmup
+    if w is None:
+        return [Line("warm-up: too few steps to tell")]
+    basis = "the lr ramp" if w.basis == "lr-ramp" else f"the first 10% of steps, at most {WARMUP_MAX_STEPS}"
+    share = "none of the clipped steps" if w.tail_share is None else f"{w.tail_share:.0%} of the clipped steps"
+    verdict = "they dominate the tail" if w.dominates else "they do not dominate the tail"
+    return [Line(f"warm-up: the first {w.window} steps ({basis}) hold {share}: {verdict}; without them "
+                 f"max_norm = {_num(w.max_norm_without)} (--skip-steps {w.skip_steps})")]
+
+
+def _layers_table(rec: Recommendation) -> Table:
+    by_median = sorted(rec.layers, key=lambda s: -s.median)[:LAYERS_SHOWN]
+    chosen = {s.layer for s in rec.layers[:LAYERS_SHOWN]} | {s.layer for s in by_median}
+    shown = [s for s in rec.layers if s.layer in chosen]  # rec.layers is largest threshold first
+    p = f"p{rec.percentile:g}"
+    headers = ["layer", "median", "p95", "max", "share of squared norm"] + ([p] if rec.percentile != 95 else [])
+    rows = [[s.layer, _num(s.median), _num(s.p95), _num(s.max), f"{s.sq_share:.1%}",
+             *([_num(s.threshold)] if rec.percentile != 95 else [])] for s in shown]
+    caption = (f"the layers with the largest median and p95 of {len(rec.layers)}; --json lists every layer "
+               f"with its {p} (a per-layer threshold)")
+    return Table("Layers", headers, rows, caption)
+
+
+# --------------------------------------------------------------------------------------------------
+# Drawing
+# --------------------------------------------------------------------------------------------------
+
+
+def render_text(recommendations: Sequence[Recommendation], file: TextIO | None = None,
+                use_rich: bool | None = None) -> None:
+    """Write the report: rich tables on a terminal, plain aligned text otherwise (or as forced)."""
+    out = file or sys.stdout
+    fancy = out.isatty() if use_rich is None else use_rich
+    draw = _draw_rich if fancy else _draw_plain
+    for index, rec in enumerate(recommendations):
+        if index:
+            out.write("\n")
+        draw(blocks(rec), out)
+
+
+def _draw_plain(items: Sequence[Block], out: TextIO) -> None:
+    after_table = False
+    for item in items:
+        if isinstance(item, Line):
+            out.write(item.text + "\n")
+            after_table = False
+            continue
+        out.write(f"{'' if after_table else chr(10)}{item.title}\n")
+        after_table = True
+        widths = [max(len(cell) for cell in column) for column in zip(item.headers, *item.rows, strict=True)]
+        for cells in [item.headers, *item.rows]:
+            padded = [cell.ljust(w) if i in item.text_columns else cell.rjust(w)
+                      for i, (cell, w) in enumerate(zip(cells, widths, strict=True))]
+            out.write("  " + "  ".join(padded).rstrip() + "\n")
+        if item.caption:
+            out.write(f"  ({item.caption})\n")
+        out.write("\n")
+
+
+def _draw_rich(items: Sequence[Block], out: TextIO) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table as RichTable
+    from rich.text import Text
+
+    console = Console(file=out, highlight=False)
+    for item in items:
+        if isinstance(item, Line):
+            console.print(Text(item.text, style=item.style))
+            continue
+        table = RichTable(title=item.title, caption=item.caption or None, box=box.SIMPLE_HEAD,
+                          title_justify="left", caption_justify="left", title_style="bold")
+        for i, header in enumerate(item.headers):  # numbers never wrap; long layer names fold
+            text = i in item.text_columns
+            table.add_column(header, justify="left" if text else "right", overflow="fold", no_wrap=not text)
+        for row in item.rows:
+            table.add_row(*row, style="bold green" if "recommended" in row[0] else None)
+        console.print(table)
