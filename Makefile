@@ -15,6 +15,9 @@ test: install
 
 demo: install
 	$(PYTHON) -m gradscope profile sample_runs/rnn_exploding.py
+	$(PYTHON) -m gradscope recommend --plot .gradscope/recommend.png
+	$(PYTHON) -m gradscope compare --max-norm auto --seeds 3
+	@echo "plots: .gradscope/recommend.png and the loss.png / grad_norm.png in the compare directory above"
 
 bench: install
 	$(PYTHON) bench/run.py

@@ -90,6 +90,20 @@ def stacked_norms(grads: Sequence[torch.Tensor], device: torch.device) -> torch.
     return stack_on(tensor_norms(grads), device)
 
 
+def dense_norms(grads: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """``stacked_norms(grads, grads[0].device)`` when every entry is a plain dense tensor on one device, else None.
+
+    One pass checks presence, type, layout and device together (None fails the type check): the
+    recorder's usual step, where every parameter has a gradient.
+    """
+    if not grads or type(grads[0]) is not _TENSOR:
+        return None
+    device = grads[0].device
+    if all(type(g) is _TENSOR and g.layout is _STRIDED and g.device == device for g in grads):
+        return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    return None
+
+
 def global_norm(per_tensor: torch.Tensor) -> torch.Tensor:
     """The L2 norm of a vector of per-tensor norms: ``get_total_norm``'s definition."""
     return torch.linalg.vector_norm(per_tensor)

@@ -41,6 +41,7 @@ from gradscope.buffer import Row, StepBuffer
 from gradscope.errors import StopRun
 from gradscope.measure import (
     clip_coefficient,
+    dense_norms,
     global_norm,
     nan_on,
     stack_on,
@@ -558,8 +559,9 @@ class Recorder:
 
     def _measure_params(self, layout: _Layout, grad_scale: Any = None) -> Row:
         grads = [p.grad for p in layout.params]
-        if grads and not any(g is None for g in grads):  # the usual step: every param has a grad
-            present, dense = layout.all_present, grads
+        applied = dense_norms(grads)  # the usual step: every param has a plain dense grad, all on one device
+        if applied is not None:
+            present = layout.all_present
         else:
             present = tuple(i for i, g in enumerate(grads) if g is not None)
             if not present:
@@ -567,7 +569,7 @@ class Recorder:
                 nan = nan_on(device)
                 return Row(layout.slot, torch.full((len(layout.params),), math.nan, device=device), nan, nan)
             dense = [grads[i] for i in present]
-        applied = stacked_norms(dense, dense[0].device)  # (Q,) fp32
+            applied = stacked_norms(dense, dense[0].device)  # (Q,) fp32
         if isinstance(grad_scale, torch.Tensor):
             applied = applied / grad_scale.to(applied.device).float()
         raw = self._undo_script_clip(layout, present, applied) if self._clip_calls else applied

@@ -370,7 +370,8 @@ class Run:
         cols = list(columns) if columns is not None else None
         paths = [self.path / f"{kind}.parquet"] if self.compacted else self._parts.get(kind, [])
         for path in paths:
-            handle = pq.ParquetFile(path, read_dictionary=_dict_cols(kind, cols))
+            # pre_buffer=False: pyarrow would otherwise load every requested column of the file up front.
+            handle = pq.ParquetFile(path, read_dictionary=_dict_cols(kind, cols), pre_buffer=False)
             yield from handle.iter_batches(batch_size=batch_size, columns=cols)
 
     @cached_property
