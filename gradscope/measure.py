@@ -63,7 +63,7 @@ def tensor_norms(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             dense_by_device.setdefault(grad.device, []).append(i)
     for indices in dense_by_device.values():
         norms = torch._foreach_norm([_local(grads[i]) for i in indices], 2, dtype=torch.float32)
-        for i, norm in zip(indices, norms):
+        for i, norm in zip(indices, norms, strict=True):
             out[i] = norm
     return out  # type: ignore[return-value]
 

@@ -92,7 +92,7 @@ def resolve_names(params: Sequence[torch.Tensor], group_of: Sequence[tuple[int, 
             by_root.append((len(found), found))
     by_root.sort(key=lambda item: -item[0])  # stable: equal cover keeps gc order
     result = ParamNames(names=[])
-    for param, (group, index) in zip(params, group_of):
+    for param, (group, index) in zip(params, group_of, strict=True):
         names = next((found[id(param)] for _, found in by_root if id(param) in found), None)
         if names is None:
             result.names.append(f"param_groups.{group}.{index}")
