@@ -257,7 +257,9 @@ def _stream_parts_into(parts: Sequence[Path], schema: pa.Schema, final: Path) ->
         batch: list[pa.Table] = []
         rows = 0
         for part in parts:
-            table = pq.read_table(part, schema=schema)
+            # ParquetFile.read, not pq.read_table: the latter imports pyarrow.dataset and pandas (~50 MB)
+            # into the training process at exit.
+            table = pq.ParquetFile(part).read()
             batch.append(table)
             rows += table.num_rows
             if rows >= 1_000_000:  # row groups of ~1M rows read fast and stay small in memory
