@@ -1,7 +1,10 @@
 """Pending step rows, kept on device, turned into store columns once per flush.
 
-A step costs a few list appends here. The device values of all pending steps are stacked and copied
-to the host in one transfer per flush: the only host synchronisation the recorder makes.
+A step costs one small device vector (its norms and its loss, stacked by the read itself) and a few
+Python fields here. At a flush the vectors of all pending steps are concatenated and copied to the
+host in one transfer, the only host synchronisation the recorder makes; everything derived (the
+global norm, the pre-clip norms under the script's clipping, the clip coefficient) is computed there,
+in float64 numpy, instead of as extra device ops on every step.
 """
 
 from __future__ import annotations
@@ -15,18 +18,56 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+# The rare per-step device scalars a row may carry (Row.more), and their value when absent.
+MORE_DEFAULTS: dict[str, float] = {
+    "grad_scale": 1.0,  # fused optimizer under GradScaler: the norms read are this many times too large
+    "script_coef": 1.0,  # the script's clip_grad_norm_ scaled the grads by this before they were read
+    "applied_coef": 1.0,  # the update used g_raw times this (an injected clip, a hand-written loop's clip)
+    "g_applied": math.nan,  # the applied global norm, when no single factor gives it (value or partial clips)
+    "loss_scale": math.nan,
+    "found_inf": 0.0,  # fused optimizer under GradScaler: > 0 when the kernel skipped the step
+}
+
+
+class RowBlocks:
+    """Preallocated float32 device rows of one width: each step writes its values into the next row.
+
+    Why: a step that allocates a small tensor and keeps it until the flush costs the tiny-MLP workload
+    ~40 µs more than writing the same values into a row allocated in advance (bench/run.py, workload
+    "mlp"; the allocator cannot reuse memory that is held). Blocks are never reused: a full block is
+    left to the rows that point into it and freed with them after the flush, so a row measured before
+    a flush and committed after it can never be overwritten.
+    """
+
+    def __init__(self, width: int, device: torch.device, rows_per_block: int = 1024) -> None:
+        self.width = width
+        self.device = device
+        self.rows_per_block = rows_per_block
+        self._block: torch.Tensor | None = None
+        self._views: list[torch.Tensor] = []
+        self._next = 0
+
+    def claim(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The next free row: (the row's view, its block, its index in the block)."""
+        if self._next == len(self._views):
+            self._block = torch.empty((self.rows_per_block, self.width), dtype=torch.float32, device=self.device)
+            self._views = list(self._block.unbind(0))  # one C++ call for all the views of the block
+            self._next = 0
+        i = self._next
+        self._next += 1
+        return self._views[i], self._block, i  # type: ignore[return-value]
+
 
 @dataclass(slots=True)
 class Row:
-    """One optimizer step being recorded. Tensors are float32 0-dim (per_tensor: (P,)) on one device."""
+    """One optimizer step being recorded; its device values stay on device until the flush."""
 
     slot: Any  # recorder._Slot: the optimizer index, its names and its step counter
-    per_tensor: torch.Tensor  # (P,) pre-clip norms, NaN where a param had no grad
-    g_raw: torch.Tensor  # global pre-clip norm
-    g_applied: torch.Tensor  # global norm after clipping
-    loss: torch.Tensor | None = None
-    loss_scale: torch.Tensor | None = None
-    found_inf: torch.Tensor | None = None  # fused optimizer under GradScaler: skipped inside the kernel
+    values: torch.Tensor  # 1-D float: the gradient norms read this step and the loss, in `cols` order
+    cols: np.ndarray  # the column of each value: a parameter index 0..P-1, or P for the loss
+    block: torch.Tensor | None = None  # the RowBlocks block `values` is a row of, if any
+    pos: int = 0  # that row's index in the block
+    more: dict[str, torch.Tensor] | None = None  # 0-dim device scalars keyed as MORE_DEFAULTS
     skipped: bool = False
     n_backward: int = 0
     lr: Any = None  # float, or a tensor for capturable optimizers
@@ -34,6 +75,12 @@ class Row:
     clip_source: str = "none"
     step: int = 0
     time_s: float = 0.0
+
+    def attach(self, key: str, value: torch.Tensor) -> None:
+        """Keep a 0-dim device scalar (a key of MORE_DEFAULTS) with this row."""
+        if self.more is None:
+            self.more = {}
+        self.more[key] = value
 
 
 def _host_float(value: Any) -> float:
@@ -73,46 +120,96 @@ class StepBuffer:
             yield "layers", layer_cols
 
 
-def _device_values(rows: list[Row]) -> tuple[np.ndarray, np.ndarray]:
-    """All device values of ``rows`` in one host copy: (N, P) per-tensor norms and (N, 5) scalars.
+@dataclass
+class _Decoded:
+    """The device values of N rows of one slot, on the host."""
 
-    Only the tensors a row holds are stacked: a missing loss, loss scale or found_inf is filled in on
-    the host (NaN, NaN, 0.0, as the device placeholders were), and an unclipped row's applied norm,
-    the same tensor as its raw norm, is copied from it. Fewer 0-dim tensors to stack per flush.
+    values: np.ndarray  # (N, P + 1) float64: the P norms as read, then the loss; NaN where not read
+    present: np.ndarray  # (N, P) bool: the parameter had a gradient (its norm was read)
+    more: dict[str, np.ndarray]  # MORE_DEFAULTS key -> (N,) float64
+
+
+def _to_host(rows: list[Row]) -> tuple[np.ndarray, list[tuple[list[int], np.ndarray, int]], list[tuple[int, str]]]:
+    """All device values of ``rows`` in one device-to-host copy (the flush's one host sync).
+
+    Returns the flat float64 values and, for each chunk of them, (the rows it holds, the rows' offsets
+    into the flat values, the values per row): one chunk per preallocated block (the rows' span of it),
+    one per row not in a block; then (row, key) of every ``more`` scalar, in order, after them.
     """
-    device = rows[0].per_tensor.device
-    n = len(rows)
-    scal = np.empty((n, 5), dtype=np.float64)
-    scal[:, 2:4] = np.nan  # loss, loss_scale
-    scal[:, 4] = 0.0  # found_inf
-    tensors: list[torch.Tensor] = []
-    where: list[int] = []  # flat index into scal of each stacked tensor
-    same: list[int] = []  # rows whose applied norm is their raw norm (no clipping)
+    device = rows[0].values.device
+    pieces: list[torch.Tensor] = []
+    chunks: list[tuple[list[int], np.ndarray, int]] = []
+    start = 0
+    by_block: dict[int, tuple[torch.Tensor, list[int]]] = {}
     for i, row in enumerate(rows):
-        base = 5 * i
-        tensors.append(row.g_raw)
-        where.append(base)
-        if row.g_applied is row.g_raw:
-            same.append(i)
+        if row.block is not None:
+            by_block.setdefault(id(row.block), (row.block, []))[1].append(i)
         else:
-            tensors.append(row.g_applied)
-            where.append(base + 1)
-        if row.loss is not None:
-            tensors.append(row.loss)
-            where.append(base + 2)
-        if row.loss_scale is not None:
-            tensors.append(row.loss_scale)
-            where.append(base + 3)
-        if row.found_inf is not None:
-            tensors.append(row.found_inf)
-            where.append(base + 4)
-    tensors = [s if s.device == device else s.to(device) for s in tensors]
-    per = torch.stack([r.per_tensor if r.per_tensor.device == device else r.per_tensor.to(device) for r in rows])  # (N, P)
-    flat = torch.cat([per.reshape(-1), torch.stack(tensors)]).cpu()  # the flush's one host sync
-    p = per.shape[1]
-    scal.reshape(-1)[where] = flat[n * p :].numpy()
-    scal[same, 1] = scal[same, 0]
-    return flat[: n * p].numpy().reshape(n, p), scal
+            pieces.append(row.values if row.values.device == device else row.values.to(device))
+            chunks.append(([i], np.array([start]), row.cols.size))
+            start += row.cols.size
+    for block, members in by_block.values():
+        pos = np.array([rows[i].pos for i in members], dtype=np.int64)
+        lo, hi, width = int(pos.min()), int(pos.max()) + 1, block.shape[1]
+        pieces.append(block[lo:hi].reshape(-1).to(device))
+        chunks.append((members, start + (pos - lo) * width, width))
+        start += (hi - lo) * width
+    tail: list[tuple[int, str]] = []
+    for i, row in enumerate(rows):
+        if row.more:
+            for key, value in row.more.items():
+                tail.append((i, key))
+                pieces.append(value.detach().reshape(1).to(device, torch.float32))
+    flat = torch.cat(pieces).cpu()
+    return flat.numpy().astype(np.float64), chunks, tail
+
+
+def _decode(rows: list[Row], p: int) -> _Decoded:
+    """Place each row's values in its columns (vectorised per block and per column layout)."""
+    flat, chunks, tail = _to_host(rows)
+    n = len(rows)
+    values = np.full((n, p + 1), np.nan)
+    read = np.zeros((n, p + 1), dtype=bool)
+    loose: dict[int, tuple[np.ndarray, list[int], list[int]]] = {}  # rows not in a block, by column layout
+    for members, offsets, _width in chunks:
+        cols = rows[members[0]].cols  # the rows of one block share its column layout
+        if len(members) == 1:
+            group = loose.setdefault(id(cols), (cols, [], []))
+            group[1].append(members[0])
+            group[2].append(int(offsets[0]))
+        else:
+            _place(values, read, flat, cols, np.asarray(members), offsets)
+    for cols, members, offsets in loose.values():
+        _place(values, read, flat, cols, np.asarray(members), np.asarray(offsets))
+    more = {key: np.full(n, default) for key, default in MORE_DEFAULTS.items()}
+    tail_start = flat.size - len(tail)
+    for j, (i, key) in enumerate(tail):
+        more[key][i] = flat[tail_start + j]
+    return _Decoded(values, read[:, :p], more)
+
+
+def _place(values: np.ndarray, read: np.ndarray, flat: np.ndarray, cols: np.ndarray, members: np.ndarray,
+           offsets: np.ndarray) -> None:
+    """Rows ``members``, whose values start at ``offsets`` in ``flat``, go to their columns ``cols``."""
+    take = offsets[:, None] + np.arange(cols.size)
+    values[members[:, None], cols[None, :]] = flat[take]
+    read[members[:, None], cols[None, :]] = True
+
+
+def _norms(decoded: _Decoded, p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pre-clip per-tensor norms (N, P), and the global pre-clip and applied norms (N,) each.
+
+    The global norm is ``get_total_norm``'s: the L2 norm of the per-tensor norms, here in float64.
+    """
+    more = decoded.more
+    per = decoded.values[:, :p] / (more["grad_scale"] * more["script_coef"])[:, None]
+    with np.errstate(invalid="ignore", over="ignore"):
+        g_raw = np.sqrt(np.sum(np.where(decoded.present, per, 0.0) ** 2, axis=1))
+    g_raw[~decoded.present.any(axis=1)] = np.nan  # no gradient at all: no norm
+    g_applied = g_raw * more["script_coef"] * more["applied_coef"]
+    explicit = ~np.isnan(more["g_applied"])
+    g_applied[explicit] = more["g_applied"][explicit]
+    return per, g_raw, g_applied
 
 
 def _numeric(values: Any, dtype: Any, arrow_type: pa.DataType, valid: np.ndarray | None = None) -> pa.Array:
@@ -146,13 +243,15 @@ def _strings(values: list[str] | np.ndarray, dictionary: list[str] | None = None
 
 
 def _columns(rows: list[Row]) -> tuple[dict[str, Any], dict[str, Any]]:
-    per, scal = _device_values(rows)
-    g_raw, g_applied, loss, loss_scale, found_inf = scal.T
+    slot = rows[0].slot
+    p = len(slot.names)
+    decoded = _decode(rows, p)
+    per, g_raw, g_applied = _norms(decoded, p)
+    loss, loss_scale, found_inf = decoded.values[:, p], decoded.more["loss_scale"], decoded.more["found_inf"]
     with np.errstate(divide="ignore", invalid="ignore"):
         coef = np.where(g_raw > 0, g_applied / g_raw, 1.0)
     skipped = np.array([r.skipped for r in rows], dtype=bool) | (found_inf > 0)
-    slot = rows[0].slot
-    n, p = per.shape
+    n = len(rows)
     step = np.array([r.step for r in rows], dtype=np.int64)
     max_norm = [r.max_norm for r in rows]
     max_norm_valid = np.array([m is not None for m in max_norm], dtype=bool)
@@ -178,6 +277,6 @@ def _columns(rows: list[Row]) -> tuple[dict[str, Any], dict[str, Any]]:
         # One index per row and the names once: converting n*p Python strings was most of a flush on
         # models with many tensors. The column written is the same string column.
         "layer": _strings(np.tile(np.arange(p, dtype=np.int32), n), list(slot.names)),
-        "norm": _numeric(per.reshape(-1), np.float32, pa.float32()),
+        "norm": _numeric(np.where(decoded.present, per, np.nan).reshape(-1), np.float32, pa.float32()),
     }
     return steps, layers

@@ -1,43 +1,126 @@
-"""Gradient norms on device, in one pass, with no host synchronisation.
+"""Gradient norms on device, in as few ops as the device allows, with no host synchronisation.
 
 Every function here returns device tensors and never calls ``.item()``, ``.tolist()`` or branches in
 Python on a device value: on CUDA each of those blocks the Python thread until the GPU queue drains.
 The definition matches ``torch.nn.utils.get_total_norm``: the global L2 norm is the L2 norm of the
-per-tensor L2 norms.
+per-tensor L2 norms (the recorder takes that last norm on the host, at flush time).
+
+How a step's norms are read (:class:`NormPlan`, made once per parameter layout):
+
+- On CUDA, one ``torch._foreach_norm`` over every gradient: a fused multi-tensor kernel.
+- On CPU, ``_foreach_norm`` is a loop of one full reduction per tensor, about 2 µs each whatever the
+  tensor's size, so a model with 400 small tensors pays ~0.8 ms for the read alone. Small tensors of
+  the same shape are therefore stacked (one copy, in C++) and reduced along their trailing dims (one
+  op per shape); large or one-of-a-kind tensors still go through one ``_foreach_norm``. The values
+  come out in the plan's order; ``NormPlan.cols`` says which parameter each belongs to.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+# Stacking copies the gradient once; below this many elements per tensor the copy costs less than the
+# ~2 µs fixed cost of one more reduction op on CPU (measured: bench/run.py, workload "many").
+STACK_MAX_NUMEL = 4096
+# A stacked group costs three ops (stack, reduce, and its share of one cat) where _foreach_norm costs one
+# reduction per tensor: a pair of (64,) biases read by stacking made the tiny-MLP step 13 µs slower.
+STACK_MIN_TENSORS = 8
+
 _NAN: dict[torch.device, torch.Tensor] = {}
-_ONE: dict[torch.device, torch.Tensor] = {}
-_ZERO: dict[torch.device, torch.Tensor] = {}
 
 
-def _cached(table: dict[torch.device, torch.Tensor], device: torch.device, value: float) -> torch.Tensor:
-    # Constants are made once per device: torch.tensor(x, device=cuda) per step would be an H2D copy.
-    tensor = table.get(device)
-    if tensor is None:
-        tensor = table[device] = torch.full((), value, dtype=torch.float32, device=device)
-    return tensor
+def reduce_dtype(dtypes: set[torch.dtype] | frozenset[torch.dtype]) -> torch.dtype | None:
+    """The ``dtype=`` of the norm ops for gradients of ``dtypes``: float32, so that 16-bit gradients are
+    accumulated in float32 rather than rounded to 16 bits; None (each tensor's own) when any is float64,
+    which ``vector_norm`` refuses to narrow to float32."""
+    return None if torch.float64 in dtypes else torch.float32
 
 
 def nan_on(device: torch.device) -> torch.Tensor:
-    """A cached float32 NaN scalar on ``device`` (a placeholder for "no value")."""
-    return _cached(_NAN, device, float("nan"))
+    """A cached float32 NaN scalar on ``device`` (a placeholder for "no value"), made once per device:
+    ``torch.tensor(x, device=cuda)`` per step would be a host-to-device copy."""
+    tensor = _NAN.get(device)
+    if tensor is None:
+        tensor = _NAN[device] = torch.full((), math.nan, dtype=torch.float32, device=device)
+    return tensor
 
 
-def one_on(device: torch.device) -> torch.Tensor:
-    """A cached float32 1.0 scalar on ``device``."""
-    return _cached(_ONE, device, 1.0)
+@dataclass(frozen=True)
+class NormPlan:
+    """How to read the L2 norm of each of P gradients, all dense and on one device, in few ops.
+
+    ``singles`` go through one ``_foreach_norm``; each entry of ``groups`` is stacked and reduced over
+    ``dims``. The values of :func:`read_norms` come out as ``[singles..., loss?, group 0..., group 1...]``;
+    ``cols(with_loss)`` maps each value to its column: a parameter index, or P for the loss.
+    """
+
+    n: int
+    device: torch.device
+    device_index: int  # Tensor.get_device() of a tensor on `device` (-1 on CPU)
+    dtype: torch.dtype | None  # see reduce_dtype
+    singles: tuple[int, ...]
+    groups: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]  # (parameter indices, dims to reduce)
+    all_single: bool  # singles is range(n): the gradient list is passed as it is
+
+    def cols(self, with_loss: bool) -> np.ndarray:
+        """Column of each value :func:`read_norms` returns: parameter index, or ``n`` for the loss."""
+        loss = [self.n] if with_loss else []
+        return np.array([*self.singles, *loss, *(i for idx, _ in self.groups for i in idx)], dtype=np.int64)
 
 
-def zero_on(device: torch.device) -> torch.Tensor:
-    """A cached float32 0.0 scalar on ``device``."""
-    return _cached(_ZERO, device, 0.0)
+def plan_norms(shapes: Sequence[Sequence[int]], device: torch.device,
+               dtypes: set[torch.dtype] | frozenset[torch.dtype] = frozenset()) -> NormPlan:
+    """The read plan for gradients of ``shapes`` and ``dtypes`` on ``device`` (see the module docstring)."""
+    n = len(shapes)
+    index = -1 if device.type == "cpu" else device.index if device.index is not None else 0
+    dtype = reduce_dtype(dtypes)
+    if device.type != "cpu":
+        return NormPlan(n, device, index, dtype, tuple(range(n)), (), True)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, shape in enumerate(shapes):
+        by_shape.setdefault(tuple(shape), []).append(i)
+    singles: list[int] = []
+    groups: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    for shape, indices in by_shape.items():
+        if len(indices) >= STACK_MIN_TENSORS and shape and math.prod(shape) <= STACK_MAX_NUMEL:
+            groups.append((tuple(indices), tuple(range(1, len(shape) + 1))))
+        else:
+            singles.extend(indices)
+    singles.sort()
+    return NormPlan(n, device, index, dtype, tuple(singles), tuple(groups), not groups)
+
+
+def read_norms(plan: NormPlan, grads: list[torch.Tensor], loss: torch.Tensor | None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """The norms of ``grads`` (and ``loss``, a 0-dim tensor on the plan's device) as one float32 vector,
+    written into ``out`` (a preallocated row of the right length) when given.
+
+    Raises on anything the plan does not cover (a sparse gradient, one on another device): the caller
+    falls back to :func:`tensor_norms`.
+    """
+    dtype = plan.dtype
+    if plan.all_single and out is not None:  # the usual step: two ops, no list built in between
+        if loss is None:
+            return torch.stack(torch._foreach_norm(grads, 2, dtype=dtype), out=out)
+        return torch.stack([*torch._foreach_norm(grads, 2, dtype=dtype), loss], out=out)
+    if plan.all_single:
+        head = torch._foreach_norm(grads, 2, dtype=dtype)
+    else:
+        head = torch._foreach_norm([grads[i] for i in plan.singles], 2, dtype=dtype) if plan.singles else []
+    if loss is not None:
+        head = [*head, loss]
+    if not plan.groups:
+        return torch.stack(head, out=out) if out is not None else torch.stack(head)
+    parts = [torch.stack(head)] if head else []
+    for indices, dims in plan.groups:
+        stacked = torch.stack([grads[i] for i in indices])
+        parts.append(torch.linalg.vector_norm(stacked, 2, dim=dims, dtype=dtype))
+    return torch.cat(parts, out=out) if out is not None else torch.cat(parts)
 
 
 def _local(grad: torch.Tensor) -> torch.Tensor:
@@ -47,22 +130,25 @@ def _local(grad: torch.Tensor) -> torch.Tensor:
 
 
 def tensor_norms(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The L2 norm of each gradient as a float32 0-dim tensor on the gradient's device.
+    """The L2 norm of each gradient as a 0-dim tensor on the gradient's device (float64 for float64
+    gradients, float32 for the others).
 
-    One ``torch._foreach_norm`` pass per device for dense gradients (accumulated in float32, so bf16
-    gradients are not rounded to bf16); sparse gradients are coalesced first, because
-    ``_foreach_norm`` and ``vector_norm`` reject them.
+    The general path: one ``torch._foreach_norm`` pass per device and precision for dense gradients
+    (accumulated in float32, so bf16 gradients are not rounded to bf16); sparse gradients are coalesced
+    first, because ``_foreach_norm`` and ``vector_norm`` reject them; DTensor gradients are read on the
+    local shard.
     """
     out: list[torch.Tensor | None] = [None] * len(grads)
-    dense_by_device: dict[torch.device, list[int]] = {}
+    dense_by_kind: dict[tuple[torch.device, torch.dtype | None], list[int]] = {}
     for i, grad in enumerate(grads):
         grad = _local(grad)
+        dtype = reduce_dtype({grad.dtype})
         if grad.is_sparse:
-            out[i] = torch.linalg.vector_norm(grad.coalesce()._values(), dtype=torch.float32)
+            out[i] = torch.linalg.vector_norm(grad.coalesce()._values(), dtype=dtype)
         else:
-            dense_by_device.setdefault(grad.device, []).append(i)
-    for indices in dense_by_device.values():
-        norms = torch._foreach_norm([_local(grads[i]) for i in indices], 2, dtype=torch.float32)
+            dense_by_kind.setdefault((grad.device, dtype), []).append(i)
+    for (_, dtype), indices in dense_by_kind.items():
+        norms = torch._foreach_norm([_local(grads[i]) for i in indices], 2, dtype=dtype)
         for i, norm in zip(indices, norms, strict=True):
             out[i] = norm
     return out  # type: ignore[return-value]
@@ -71,37 +157,6 @@ def tensor_norms(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def stack_on(values: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Stack 0-dim tensors into a vector on ``device`` (moving only those that live elsewhere)."""
     return torch.stack([v if v.device == device else v.to(device, non_blocking=True) for v in values])
-
-
-_TENSOR = torch.Tensor
-_STRIDED = torch.strided
-
-
-def stacked_norms(grads: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """``stack_on(tensor_norms(grads), device)``: the per-tensor L2 norms as one float32 vector on ``device``.
-
-    The usual step (plain dense gradients, all on ``device``) is one ``_foreach_norm`` and one
-    ``stack``, the same two ops and the same values as the general path, without its per-tensor
-    Python work (DTensor and sparse checks, grouping by device, moving). Anything else (DTensor,
-    sparse, several devices) takes the general path.
-    """
-    if all(type(g) is _TENSOR and g.layout is _STRIDED and g.device == device for g in grads):
-        return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
-    return stack_on(tensor_norms(grads), device)
-
-
-def dense_norms(grads: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
-    """``stacked_norms(grads, grads[0].device)`` when every entry is a plain dense tensor on one device, else None.
-
-    One pass checks presence, type, layout and device together (None fails the type check): the
-    recorder's usual step, where every parameter has a gradient.
-    """
-    if not grads or type(grads[0]) is not _TENSOR:
-        return None
-    device = grads[0].device
-    if all(type(g) is _TENSOR and g.layout is _STRIDED and g.device == device for g in grads):
-        return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
-    return None
 
 
 def global_norm(per_tensor: torch.Tensor) -> torch.Tensor:

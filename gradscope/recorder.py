@@ -33,23 +33,26 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from gradscope import __version__, store
-from gradscope.buffer import Row, StepBuffer
+from gradscope.buffer import Row, RowBlocks, StepBuffer
 from gradscope.errors import StopRun
 from gradscope.measure import (
+    NormPlan,
     clip_coefficient,
-    dense_norms,
     global_norm,
-    nan_on,
+    plan_norms,
+    read_norms,
     stack_on,
-    stacked_norms,
     tensor_norms,
 )
 from gradscope.naming import resolve_names
 from gradscope.patches import Patcher
+
+_ONLY_TENSOR = {torch.Tensor}
 
 
 @dataclass
@@ -89,17 +92,32 @@ class _Slot:
 
 @dataclass
 class _Layout:
-    """An optimizer's parameter list at one moment, with its slot and a cache of index tensors."""
+    """An optimizer's parameter list at one moment, with its slot, its read plan and column maps."""
 
     signature: tuple[Any, ...]
     params: list[torch.Tensor]
     slot: _Slot
     position: dict[int, int]  # id(param) -> index in params
-    scatter_index: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
-    all_present: tuple[int, ...] = field(init=False)  # present indices when every param has a grad (the usual step)
+    plan: NormPlan | None  # None: params on several devices, always the general path
+    cols: dict[Any, np.ndarray] = field(default_factory=dict)  # column maps, made once (see Row.cols)
+    blocks: dict[bool, tuple[np.ndarray, RowBlocks]] = field(default_factory=dict)  # with_loss -> planned rows
 
-    def __post_init__(self) -> None:
-        self.all_present = tuple(range(len(self.params)))
+    def planned_row(self, with_loss: bool) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, int]:
+        """Where the plan's next values go: (their columns, a preallocated row, its block, its index)."""
+        found = self.blocks.get(with_loss)
+        if found is None:
+            assert self.plan is not None
+            cols = self.plan.cols(with_loss)
+            found = self.blocks[with_loss] = (cols, RowBlocks(cols.size, self.plan.device))
+        return (found[0], *found[1].claim())
+
+    def present_cols(self, present: tuple[int, ...], with_loss: bool) -> np.ndarray:
+        """Columns of the general path's values: the params that had a grad, in order, then the loss."""
+        key = (present, with_loss)
+        found = self.cols.get(key)
+        if found is None:
+            found = self.cols[key] = np.array([*present, *([len(self.params)] if with_loss else [])], dtype=np.int64)
+        return found
 
 
 @dataclass
@@ -111,6 +129,25 @@ class _ClipCall:
     max_norm: float | None
     coef: torch.Tensor | None = None  # norm clipping: the factor grads were multiplied by
     raw: list[torch.Tensor] | None = None  # value clipping: pre-clip norms, aligned with param_ids
+
+
+def _eager_only(hook: Callable[..., Any], disable: Callable[[Any], Any]) -> Callable[..., Any]:
+    """``hook``, run eagerly even inside ``torch.compile(opt.step)``, at no cost outside compiled code.
+
+    ``torch.compiler.disable(hook)`` alone costs ~5 µs per call in the cold caches after a backward pass
+    (two hooks per step: about 15% of the tiny-MLP recording cost). While dynamo traces, ``is_compiling()``
+    is True and the call goes to the disabled copy, which dynamo turns into a graph break that runs it
+    eagerly; in eager code it is False and the hook is called directly.
+    """
+    disabled = disable(hook)
+    is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+
+    def eager_hook(*args: Any) -> Any:
+        if is_compiling():
+            return disabled(*args)
+        return hook(*args)
+
+    return eager_hook
 
 
 def _closure_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Callable[[], Any] | None, str | int]:
@@ -177,6 +214,7 @@ class Recorder:
         self._n_backward = 0
         self._window_closed = True  # the next backward starts a new loss window
         self._pending_scale: torch.Tensor | None = None
+        self._scaler_seen = getattr(self, "_scaler_seen", False)
         self._active_scaler: Any = None
         self._clip_calls: list[_ClipCall] = []
         self._row_clip: tuple[str, float | None] | None = None
@@ -269,8 +307,8 @@ class Recorder:
 
         # torch.compiler.disable: dynamo must not trace into the hooks (compile(opt.step) crashes otherwise).
         disable = getattr(torch.compiler, "disable", lambda fn: fn)
-        self._handles = [register_optimizer_step_pre_hook(disable(self._on_step_pre)),
-                         register_optimizer_step_post_hook(disable(self._on_step_post))]
+        self._handles = [register_optimizer_step_pre_hook(_eager_only(self._on_step_pre, disable)),
+                         register_optimizer_step_post_hook(_eager_only(self._on_step_post, disable))]
         self._patch_backward()
         self._patch_clipping(disable)
         self._patch_grad_scaler()
@@ -288,10 +326,16 @@ class Recorder:
         original = torch.autograd.backward
         recorder = self
 
+        current_node = torch._C._current_autograd_node
+
         def backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
             # Reentrant checkpointing calls backward from inside the engine: not a new loss.
-            if torch._C._current_autograd_node() is None:
-                recorder._guard("backward", recorder._on_backward, tensors)
+            if current_node() is None:
+                try:
+                    recorder._on_backward(tensors)
+                except Exception as exc:  # never into the user's loop (see _guard)
+                    recorder._warn("backward", f"recording failed in backward ({type(exc).__name__}: {exc}); "
+                                   "training goes on")
             return original(tensors, *args, **kwargs)
 
         self._patcher.replace(torch.autograd, "backward", backward)
@@ -409,17 +453,18 @@ class Recorder:
             if root.numel() != 1:
                 self._loss_ok = False  # out.backward(gradient) on a non-scalar: no loss to report
                 continue
-            value = self._unscaled(root)
+            value = self._unscaled(root) if self._scaler_seen else root.detach()
             if value.dim():
                 value = value.reshape(())
-            # Always a copy of the one value, never a view: a loss can share a step-sized buffer (mse_loss's
-            # result keeps its (B, T) workspace as storage), and holding that until the flush fragmented the
-            # heap: resident memory grew ~0.5 MB per step on sample_runs/rnn_exploding.py.
-            value = value.to(torch.float32, copy=True)
+            # A view, not a copy: the step's read stacks it with the norms (that stack is the copy). No row
+            # may keep the view itself: a loss can share a step-sized buffer (mse_loss's result keeps its
+            # (B, T) workspace as storage), and rows holding those until the flush grew memory ~0.5 MB/step.
+            value = value.float()
             self._loss_sum = value if self._loss_sum is None else self._loss_sum + value.to(self._loss_sum.device)
         self._pending_scale = None
 
     def _unscaled(self, root: torch.Tensor) -> torch.Tensor:
+        """The loss before GradScaler scaled it (only called once a scale() call was seen)."""
         unscaled = getattr(root, "_gradscope_unscaled", None)
         if unscaled is not None:
             return unscaled
@@ -431,6 +476,7 @@ class Recorder:
         if isinstance(outputs, torch.Tensor) and isinstance(result, torch.Tensor) and result is not outputs:
             result._gradscope_unscaled = outputs.detach()
             self._pending_scale = scaler._scale
+            self._scaler_seen = True
 
     # ----------------------------------------------------------------------------------------------
     # Optimizer steps
@@ -442,9 +488,13 @@ class Recorder:
             return None  # the inner step of a wrapper optimizer or of super().step(): one record only
         self._optimizer_steps += 1
         self._manual_draft = None  # a clip call before this step was not a hand-written update
-        closure, where = _closure_of(args, kwargs)
+        closure, where = _closure_of(args, kwargs) if len(args) > 1 or kwargs else (None, "")
         if closure is None:
-            self._draft = self._guard("measure", self._measure, optimizer)
+            try:  # _guard, inlined: this runs every step
+                self._draft = self._measure(optimizer)
+            except Exception as exc:
+                self._draft = None
+                self._warn("measure", f"recording failed in measure ({type(exc).__name__}: {exc}); training goes on")
             return None
         self._draft = None  # measured after the closure's first call, when its grads exist
         wrapped = self._wrap_closure(optimizer, closure)
@@ -457,7 +507,9 @@ class Recorder:
         if self._depth > 0:
             return
         self._depth = 0
-        draft = self._draft or self._guard("measure", self._measure, optimizer)
+        draft = self._draft
+        if draft is None:
+            draft = self._guard("measure", self._measure, optimizer)
         self._draft = None
         if draft is not None:
             self._commit(draft)
@@ -516,7 +568,7 @@ class Recorder:
         # Cheap per-step check; names are resolved again only when the parameter layout changes.
         signature = tuple([(id(g["params"]), len(g["params"])) for g in groups])
         last = self._last_layout
-        if last is not None and last[0]() is optimizer and last[1].signature == signature:
+        if last is not None and last[1].signature == signature and last[0]() is optimizer:
             return last[1]
         layout = self._layouts.get(optimizer)
         if layout is not None and layout.signature == signature:
@@ -545,71 +597,123 @@ class Recorder:
             self._slots[key] = slot
             self._meta_dirty = True
         slot.params = [weakref.ref(p) for p in params]
-        return _Layout(signature, params, slot, {id(p): i for i, p in enumerate(params)})
+        devices = {p.device for p in params}
+        plan = plan_norms([p.shape for p in params], devices.pop(), {p.dtype for p in params}) if len(devices) == 1 else None
+        return _Layout(signature, params, slot, {id(p): i for i, p in enumerate(params)}, plan)
 
     def _measure(self, optimizer: Any, closure_result: Any = None, scaler: Any = None, skipped: bool = False) -> Row:
+        # Runs every step: kept to the fewest Python calls (each costs several µs in the cold caches that
+        # follow a backward pass). The rare cases (GradScaler, closures, compare's injection) branch off.
         layout = self._layout(optimizer)
-        grad_scale = getattr(optimizer, "grad_scale", None)  # fused optimizer under GradScaler: grads still scaled
+        loss = self._loss_sum if closure_result is None and self._loss_ok else self._step_loss(closure_result)
+        row = self._measure_params(layout, loss)
+        row.n_backward = self._n_backward
+        groups = optimizer.param_groups
+        lr = groups[0].get("lr") if groups else None
+        if lr.__class__ is not float and isinstance(lr, torch.Tensor):  # schedulers fill_ a Tensor lr in place
+            lr = lr.detach().clone()  # this step's value
+        row.lr = lr
+        if self._row_clip is not None:
+            row.clip_source, row.max_norm = self._row_clip
+            self._row_clip = None
+        scaler = scaler or self._active_scaler
+        if scaler is not None or skipped or self.config.inject_max_norm is not None or hasattr(optimizer, "found_inf"):
+            self._measure_rare(row, optimizer, scaler, skipped)
+        return row
+
+    def _measure_rare(self, row: Row, optimizer: Any, scaler: Any, skipped: bool) -> None:
+        """GradScaler's scale and skipped steps, fused optimizers' scaled grads, compare's injected clip."""
+        grad_scale = getattr(optimizer, "grad_scale", None)
+        if isinstance(grad_scale, torch.Tensor):  # fused optimizer under GradScaler: the grads read were scaled
+            row.attach("grad_scale", grad_scale.detach().reshape(()).float().clone())  # update() changes it in place
+        if scaler is not None:
+            scale = getattr(scaler, "_scale", None) if getattr(scaler, "_enabled", False) else None
+            if isinstance(scale, torch.Tensor):  # clone: update() changes _scale in place
+                row.attach("loss_scale", scale.detach().reshape(()).float().clone())
         found_inf = getattr(optimizer, "found_inf", None)
-        row = self._measure_params(layout, grad_scale)
-        self._fill_common(row, optimizer, closure_result, scaler or self._active_scaler)
         if skipped:
             row.skipped = True
         elif isinstance(found_inf, torch.Tensor):
-            row.found_inf = found_inf.reshape(()).float()
+            row.attach("found_inf", found_inf.reshape(()).float())
         if self.config.inject_max_norm is not None and not skipped:
             self._inject(optimizer, row)
+
+    def _step_loss(self, closure_result: Any) -> torch.Tensor | None:
+        """This step's loss (0-dim, float32, on its own device), or None when there is none to report."""
+        loss = self._loss_sum
+        if (loss is None or not self._loss_ok) and isinstance(closure_result, torch.Tensor) and closure_result.numel() == 1:
+            return closure_result.detach().reshape(()).float()  # a closure that never called backward
+        return loss if self._loss_ok else None
+
+    def _measure_params(self, layout: _Layout, loss: torch.Tensor | None) -> Row:
+        """Read every gradient's norm, with the loss in the same vector: usually one or two device ops."""
+        grads = [p.grad for p in layout.params]
+        plan = layout.plan
+        calls = self._script_clip_calls(layout) if self._clip_calls else ()
+        if calls and self.config.disable_script_clip:
+            calls = ()  # the calls measured but did not scale: nothing to undo
+        # set(map(type, ...)): no None, no DTensor or other subclass, checked in C; sparse grads and grads on
+        # another device pass it and make read_norms raise.
+        if plan is not None and set(map(type, grads)) == _ONLY_TENSOR and (
+                not calls or self._one_clip_over_all(calls, len(grads))):
+            if loss is not None and loss.get_device() != plan.device_index:  # get_device: no torch.device made
+                loss = loss.to(plan.device, non_blocking=True)
+            cols, out, block, pos = layout.planned_row(loss is not None)
+            try:
+                row = Row(layout.slot, read_norms(plan, grads, loss, out), cols, block, pos)
+            except Exception:  # sparse grads, grads on another device: the general path, from now on
+                layout.plan = None
+            else:
+                if calls:
+                    row.attach("script_coef", calls[0].coef)  # type: ignore[arg-type]  # the grads read were scaled by it
+                return row
+        return self._measure_general(layout, grads, loss, list(calls))
+
+    def _measure_general(self, layout: _Layout, grads: list[torch.Tensor | None], loss: torch.Tensor | None,
+                         calls: list[_ClipCall]) -> Row:
+        """Params without a grad, sparse or DTensor grads, several devices, or clip calls over some params."""
+        present = tuple(i for i, g in enumerate(grads) if g is not None)
+        loss_list = [loss] if loss is not None else []
+        cols = layout.present_cols(present, loss is not None)
+        if not present:
+            values = stack_on(loss_list, loss.device) if loss is not None else torch.empty(0)
+            return Row(layout.slot, values, cols)
+        applied = tensor_norms([grads[i] for i in present])
+        device = applied[0].device
+        if not calls or self._one_clip_over_all(calls, len(present)):
+            row = Row(layout.slot, stack_on(applied + loss_list, device), cols)
+            if calls:
+                row.attach("script_coef", calls[0].coef)  # type: ignore[arg-type]
+            return row
+        raw = self._undo_script_clip(layout, present, applied, calls)
+        row = Row(layout.slot, stack_on(raw + loss_list, device), cols)
+        row.attach("g_applied", global_norm(stack_on(applied, device)))
         return row
 
-    def _measure_params(self, layout: _Layout, grad_scale: Any = None) -> Row:
-        grads = [p.grad for p in layout.params]
-        applied = dense_norms(grads)  # the usual step: every param has a plain dense grad, all on one device
-        if applied is not None:
-            present = layout.all_present
-        else:
-            present = tuple(i for i, g in enumerate(grads) if g is not None)
-            if not present:
-                device = layout.params[0].device if layout.params else torch.device("cpu")
-                nan = nan_on(device)
-                return Row(layout.slot, torch.full((len(layout.params),), math.nan, device=device), nan, nan)
-            dense = [grads[i] for i in present]
-            applied = stacked_norms(dense, dense[0].device)  # (Q,) fp32
-        if isinstance(grad_scale, torch.Tensor):
-            applied = applied / grad_scale.to(applied.device).float()
-        raw = self._undo_script_clip(layout, present, applied) if self._clip_calls else applied
-        g_raw = global_norm(raw)
-        g_applied = g_raw if raw is applied else global_norm(applied)
-        return Row(layout.slot, raw if present is layout.all_present else self._scatter(layout, present, raw), g_raw,
-                   g_applied)
+    @staticmethod
+    def _one_clip_over_all(calls: list[_ClipCall], n_present: int) -> bool:
+        """The common case: one clip_grad_norm_ call over every param with a grad, undone by one factor."""
+        return len(calls) == 1 and calls[0].coef is not None and len(calls[0].param_ids) == n_present
 
-    def _scatter(self, layout: _Layout, present: tuple[int, ...], values: torch.Tensor) -> torch.Tensor:
-        if len(present) == len(layout.params):
-            return values
-        index = layout.scatter_index.get(present)
-        if index is None:  # made once per presence pattern: an H2D copy per step would sync
-            index = layout.scatter_index[present] = torch.tensor(present, device=values.device)
-        full = torch.full((len(layout.params),), math.nan, device=values.device)
-        return full.index_copy_(0, index, values)
-
-    def _undo_script_clip(self, layout: _Layout, present: tuple[int, ...], applied: torch.Tensor) -> torch.Tensor:
-        """Pre-clip per-tensor norms: the applied norms with the script's clipping divided back out."""
+    def _script_clip_calls(self, layout: _Layout) -> list[_ClipCall]:
+        """The script's clip calls since the last step that touched ``layout``'s params (noted, then forgotten)."""
         calls = [c for c in self._clip_calls if any(pid in layout.position for pid in c.param_ids)]
-        if not calls:
-            return applied
-        self._clip_calls = [c for c in self._clip_calls if c not in calls]
-        self._note_script_clip(calls)
-        if self.config.disable_script_clip:
-            return applied  # the calls measured but did not scale
+        if calls:
+            self._clip_calls = [c for c in self._clip_calls if c not in calls]
+            self._note_script_clip(calls)
+        return calls
+
+    def _undo_script_clip(self, layout: _Layout, present: tuple[int, ...], applied: list[torch.Tensor],
+                          calls: list[_ClipCall]) -> list[torch.Tensor]:
+        """Pre-clip per-tensor norms when several clip calls (or value clipping) acted on parts of the params."""
         slot_of = {id(layout.params[i]): q for q, i in enumerate(present)}
-        if len(calls) == 1 and calls[0].coef is not None and len(calls[0].param_ids) == len(present):
-            return applied / calls[0].coef.to(applied.device)  # the common case: one clip over all params
-        parts = list(applied.unbind())
+        parts = list(applied)
         for call in calls:
             for j, pid in enumerate(call.param_ids):
                 q = slot_of.get(pid)
                 if q is not None:
-                    parts[q] = call.raw[j] if call.raw is not None else parts[q] / call.coef.to(applied.device)
-        return stack_on(parts, applied.device)
+                    parts[q] = call.raw[j] if call.raw is not None else parts[q] / call.coef.to(parts[q].device)
+        return parts
 
     def _note_script_clip(self, calls: list[_ClipCall]) -> None:
         last = calls[-1]
@@ -620,28 +724,6 @@ class Recorder:
         max_norm = None if last.function == "clip_grad_value_" else last.max_norm
         self._row_clip = ("script-disabled", None) if disabled else ("script", max_norm)
 
-    def _fill_common(self, row: Row, optimizer: Any, closure_result: Any, scaler: Any) -> None:
-        device = row.per_tensor.device
-        loss = self._loss_sum
-        if (loss is None or not self._loss_ok) and isinstance(closure_result, torch.Tensor) and closure_result.numel() == 1:
-            loss = closure_result.detach().reshape(()).float()  # a closure that never called backward
-        elif not self._loss_ok:
-            loss = None
-        if loss is not None and loss.device != device:  # .to() is a no-op then, but not a free one per step
-            loss = loss.to(device, non_blocking=True)
-        row.loss = loss
-        row.n_backward = self._n_backward
-        row.lr = optimizer.param_groups[0].get("lr") if getattr(optimizer, "param_groups", None) else None
-        if isinstance(row.lr, torch.Tensor):  # a Tensor lr: schedulers fill_ it in place; keep this step's value
-            row.lr = row.lr.detach().clone()
-        scale = getattr(scaler, "_scale", None) if scaler is not None and getattr(scaler, "_enabled", False) else None
-        # clone: update() changes the scaler's _scale in place; a view would read the latest scale at flush.
-        row.loss_scale = scale.reshape(()).float().clone().to(device, non_blocking=True) if isinstance(scale, torch.Tensor) else None
-        clip = self._row_clip
-        if clip is not None:
-            row.clip_source, row.max_norm = clip
-            self._row_clip = None
-
     def _inject(self, optimizer: Any, row: Row | None = None) -> None:
         """Compare arms: clip exactly as ``clip_grad_norm_(params, max_norm)`` in the script would."""
         max_norm = self.config.inject_max_norm
@@ -649,7 +731,7 @@ class Recorder:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         total = self._original_clip_norm(params, max_norm)
         if row is not None:
-            row.g_applied = row.g_raw * clip_coefficient(total, max_norm).to(row.g_raw.device)
+            row.attach("applied_coef", clip_coefficient(total, max_norm))
             row.clip_source, row.max_norm = "injected", max_norm
 
     # ----------------------------------------------------------------------------------------------
@@ -719,7 +801,7 @@ class Recorder:
             if self.config.inject_max_norm is not None:
                 draft.clip_source, draft.max_norm = "injected", self.config.inject_max_norm
             if coef is not None:
-                draft.g_applied = draft.g_raw * coef.to(draft.g_raw.device)
+                draft.attach("applied_coef", coef)
 
     # ----------------------------------------------------------------------------------------------
     # Hand-written update loops (no torch.optim optimizer): one record per clip call or zero_grad
@@ -753,8 +835,11 @@ class Recorder:
         if layout is None or layout.signature != signature:
             layout = self._new_layout(signature, params, [(0, i) for i in range(len(params))], "manual")
             self._layouts[self] = layout
-        row = self._measure_params(layout)
-        self._fill_common(row, None, None, None)
+        row = self._measure_params(layout, self._step_loss(None))
+        row.n_backward = self._n_backward
+        if self._row_clip is not None:
+            row.clip_source, row.max_norm = self._row_clip
+            self._row_clip = None
         if self.config.inject_max_norm is not None:
             row.clip_source, row.max_norm = "injected", self.config.inject_max_norm
         return row
@@ -782,7 +867,8 @@ class Recorder:
             interval = max(cfg.flush_seconds, 0.002 * row.time_s)  # fewer parts as a long run ages
             if time.perf_counter() - self._last_flush >= interval or pending >= 100 * cfg.flush_every:
                 self._guard("flush", self._flush)
-        self._check_stop(row)
+        if cfg.max_steps is not None or cfg.max_time is not None:
+            self._check_stop(row)
 
     def _check_stop(self, row: Row) -> None:
         cfg = self.config

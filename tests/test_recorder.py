@@ -146,7 +146,8 @@ def test_closure_steps_measure_after_the_first_evaluation(profiled: Any, case: s
 # Gradients: accumulation, missing grads, bf16, sparse
 # --------------------------------------------------------------------------------------------------
 
-GRAD_CASES = ["accum-div", "accum-nodiv", "frozen", "bf16", "sparse-sgd", "sparse-adam"]
+GRAD_CASES = ["accum-div", "accum-nodiv", "frozen", "bf16", "sparse-sgd", "sparse-adam", "stacked", "stacked-bf16",
+              "stacked-f64"]
 
 
 grads_run = pytest.mark.profiled("rec_grads.py", *GRAD_CASES)
@@ -181,6 +182,23 @@ def test_bf16_grads_are_accumulated_in_fp32(profiled: Any) -> None:
     run, refs = profiled.run, profiled.ref("bf16")
     check_records(run, optimizer_of(run, "bf16."), refs)
     assert any(not close(r["bf16_norm"], r["norm"]) for r in refs), "the bf16 case must be able to fail"
+
+
+@grads_run
+@pytest.mark.parametrize("case", ["stacked", "stacked-bf16", "stacked-f64"])
+def test_small_same_shape_tensors_read_by_stacking(profiled: Any, case: str) -> None:
+    """On CPU, small tensors of one shape are read by one stack and one reduction per shape: every norm
+    still matches torch's (float64 reference), in float32 and bf16, with 0-dim params, a large tensor
+    read apart, and grads missing on even steps (the general path) then present again (the planned one).
+    float64 grads are read in float64 (vector_norm refuses to narrow them: nothing was recorded before)."""
+    run, refs = profiled.run, profiled.ref(case)
+    index = optimizer_of(run, f"{case}.")
+    check_records(run, index, refs)
+    assert len(run.meta["optimizers"][index]["names"]) == 40
+    for ref in refs:
+        recorded = layer_norms(run, index, ref["step"])
+        assert math.isnan(recorded[f"{case}.sometimes.weight"]) == (ref["step"] % 2 == 0)
+        assert not math.isnan(recorded[f"{case}.gain"])
 
 
 @grads_run

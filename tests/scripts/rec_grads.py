@@ -5,6 +5,8 @@ frozen: a frozen layer and a layer used only on odd steps, all in the optimizer 
 bf16: a bfloat16 model (bf16 grads), reference norms computed in float64.
 sparse-sgd: nn.Embedding(sparse=True) + a dense head in one SGD (sparse and dense grads mixed).
 sparse-adam: the sparse embedding in SparseAdam, the dense head in Adam: one backward, two steps.
+stacked / stacked-bf16 / stacked-f64: 32 small tensors of two shapes (read by stacking, on CPU), a large one, two 0-dim
+    params, and a block used only on odd steps (its grads are None on even steps); float32, bf16, float64.
 """
 
 import sys
@@ -106,6 +108,43 @@ def sparse(case):
             opt.step()
 
 
+class ManySmall(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8))
+                                          for _ in range(8))
+        self.big = torch.nn.Linear(8, 1024)  # 8192 elements: past the stacking threshold
+        self.out = torch.nn.Linear(1024, 4)
+        self.gain = torch.nn.Parameter(torch.tensor(1.5))
+        self.shift = torch.nn.Parameter(torch.tensor(-0.5))
+        self.sometimes = torch.nn.Linear(8, 8)
+
+    def forward(self, x, step):
+        for block in self.blocks:
+            x = x + block(x)
+        if step % 2:
+            x = self.sometimes(x)
+        return self.out(torch.tanh(self.big(x))) * self.gain + self.shift
+
+
+def stacked(case):
+    model = named(case, ManySmall())
+    if case == "stacked-bf16":
+        model.to(torch.bfloat16)
+    elif case == "stacked-f64":
+        model.to(torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for i in range(4):
+        opt.zero_grad()
+        x = torch.randn(16, 8, dtype=next(model.parameters()).dtype)
+        loss = model(x, i).float().pow(2).mean()
+        loss.backward()
+        named_params = list(model.named_parameters())
+        norm64, layers64 = grad_norms(named_params, dtype=torch.float64)
+        emit(case, i, norm=norm64, layers=layers64, loss=loss.item())
+        opt.step()
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     for case in sys.argv[1:]:
@@ -114,4 +153,5 @@ if __name__ == "__main__":
         elif case.startswith("sparse"):
             sparse(case)
         else:
-            {"frozen": frozen, "bf16": bf16}[case](case)
+            {"frozen": frozen, "bf16": bf16, "stacked": stacked, "stacked-bf16": stacked,
+             "stacked-f64": stacked}[case](case)

@@ -85,6 +85,7 @@ def run(case):
         import torch.distributed as dist
 
         store = os.path.join(tempfile.mkdtemp(), "store")
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no hostname lookup (a rare hang in CI-like sandboxes)
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
         inner = named(case, mlp())
         model = nn.parallel.DistributedDataParallel(inner)

@@ -1,0 +1,70 @@
+"""The norm read plans of gradscope.measure against torch's own norms, on real tensors in-process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradscope.measure import STACK_MAX_NUMEL, STACK_MIN_TENSORS, plan_norms, read_norms, tensor_norms
+
+
+def _grads(shapes: list[tuple[int, ...]], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=gen).mul_(1 + i).to(dtype) for i, shape in enumerate(shapes)]
+
+
+def _placed(plan, values: torch.Tensor, with_loss: bool) -> torch.Tensor:
+    """The values of read_norms put back in parameter order (the loss, if any, last)."""
+    out = torch.empty(plan.n + 1, dtype=torch.float64)
+    out[torch.as_tensor(plan.cols(with_loss))] = values.double()
+    return out
+
+
+MANY = [(16, 16), (16,), (16,), (16,)] * 12 + [(4096,)] * 9 + [(4097,)] * 9 + [(), (), (64, 64), (3, 5)]
+
+
+def test_cpu_plan_groups_many_small_same_shape_tensors_only() -> None:
+    plan = plan_norms(MANY, torch.device("cpu"))
+    grouped = {MANY[idx[0]] for idx, _ in plan.groups}
+    assert grouped == {(16, 16), (16,), (4096,)}  # 12, 36 and 9 tensors of at most STACK_MAX_NUMEL elements
+    assert all(len(idx) >= STACK_MIN_TENSORS and torch.Size(MANY[idx[0]]).numel() <= STACK_MAX_NUMEL
+               for idx, _ in plan.groups)
+    singles = {MANY[i] for i in plan.singles}
+    assert singles == {(4097,), (), (64, 64), (3, 5)}
+    assert sorted(plan.cols(False).tolist()) == list(range(len(MANY)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("with_loss", [False, True])
+@pytest.mark.parametrize("preallocated", [False, True])
+def test_read_norms_equals_torch_vector_norm(dtype: torch.dtype, with_loss: bool, preallocated: bool) -> None:
+    grads = _grads(MANY, dtype)
+    plan = plan_norms(MANY, torch.device("cpu"), {dtype})
+    loss = torch.tensor(2.5) if with_loss else None
+    out = torch.empty(plan.n + with_loss) if preallocated else None
+    values = read_norms(plan, grads, loss, out)
+    if preallocated:
+        assert values.data_ptr() == out.data_ptr()
+    placed = _placed(plan, values, with_loss)
+    expected = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])
+    torch.testing.assert_close(placed[: plan.n], expected, rtol=1e-5, atol=0)
+    total = torch.nn.utils.get_total_norm([g.double() for g in grads])
+    torch.testing.assert_close(torch.linalg.vector_norm(placed[: plan.n]), total, rtol=1e-5, atol=0)
+    if with_loss:
+        assert placed[plan.n].item() == 2.5
+
+
+def test_read_norms_raises_on_sparse_so_the_recorder_falls_back() -> None:
+    shapes = [(50, 8)] * 9
+    grads = _grads(shapes)
+    grads[3] = grads[3].to_sparse()
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        read_norms(plan_norms(shapes, torch.device("cpu")), grads, None)
+    norms = tensor_norms(grads)  # the general path handles it
+    assert torch.isclose(norms[3], torch.linalg.vector_norm(grads[3].to_dense()))
+
+
+def test_cuda_plan_is_one_foreach_pass() -> None:
+    plan = plan_norms(MANY, torch.device("cuda", 1))  # planning never touches the device
+    assert plan.device_index == 1
+    assert plan.all_single and not plan.groups and plan.singles == tuple(range(len(MANY)))
