@@ -7,16 +7,18 @@ import torch
 
 from gradscope.measure import STACK_MAX_NUMEL, STACK_MIN_TENSORS, plan_norms, read_norms, tensor_norms
 
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]  # CI has no GPU; the device machine does
 
-def _grads(shapes: list[tuple[int, ...]], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+
+def _grads(shapes: list[tuple[int, ...]], dtype: torch.dtype = torch.float32, device: str = "cpu") -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    return [torch.randn(shape, generator=gen).mul_(1 + i).to(dtype) for i, shape in enumerate(shapes)]
+    return [torch.randn(shape, generator=gen).mul_(1 + i).to(device, dtype) for i, shape in enumerate(shapes)]
 
 
 def _placed(plan, values: torch.Tensor, with_loss: bool) -> torch.Tensor:
     """The values of read_norms put back in parameter order (the loss, if any, last)."""
     out = torch.empty(plan.n + 1, dtype=torch.float64)
-    out[torch.as_tensor(plan.cols(with_loss))] = values.double()
+    out[torch.as_tensor(plan.cols(with_loss))] = values.double().cpu()
     return out
 
 
@@ -34,21 +36,22 @@ def test_cpu_plan_groups_many_small_same_shape_tensors_only() -> None:
     assert sorted(plan.cols(False).tolist()) == list(range(len(MANY)))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("with_loss", [False, True])
 @pytest.mark.parametrize("preallocated", [False, True])
-def test_read_norms_equals_torch_vector_norm(dtype: torch.dtype, with_loss: bool, preallocated: bool) -> None:
-    grads = _grads(MANY, dtype)
-    plan = plan_norms(MANY, torch.device("cpu"), {dtype})
-    loss = torch.tensor(2.5) if with_loss else None
-    out = torch.empty(plan.n + with_loss) if preallocated else None
+def test_read_norms_equals_torch_vector_norm(device: str, dtype: torch.dtype, with_loss: bool, preallocated: bool) -> None:
+    grads = _grads(MANY, dtype, device)
+    plan = plan_norms(MANY, grads[0].device, {dtype})
+    loss = torch.tensor(2.5, device=device) if with_loss else None
+    out = torch.empty(plan.n + with_loss, device=device) if preallocated else None
     values = read_norms(plan, grads, loss, out)
     if preallocated:
         assert values.data_ptr() == out.data_ptr()
     placed = _placed(plan, values, with_loss)
-    expected = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])
+    expected = torch.stack([torch.linalg.vector_norm(g.double().cpu()) for g in grads])
     torch.testing.assert_close(placed[: plan.n], expected, rtol=1e-5, atol=0)
-    total = torch.nn.utils.get_total_norm([g.double() for g in grads])
+    total = torch.nn.utils.get_total_norm([g.double().cpu() for g in grads])
     torch.testing.assert_close(torch.linalg.vector_norm(placed[: plan.n]), total, rtol=1e-5, atol=0)
     if with_loss:
         assert placed[plan.n].item() == 2.5
@@ -64,7 +67,6 @@ def test_read_norms_raises_on_sparse_so_the_recorder_falls_back() -> None:
     assert torch.isclose(norms[3], torch.linalg.vector_norm(grads[3].to_dense()))
 
 
-def test_cuda_plan_is_one_foreach_pass() -> None:
-    plan = plan_norms(MANY, torch.device("cuda", 1))  # planning never touches the device
-    assert plan.device_index == 1
-    assert plan.all_single and not plan.groups and plan.singles == tuple(range(len(MANY)))
+def test_a_plan_for_cuda_is_made_without_touching_the_device() -> None:
+    plan = plan_norms(MANY, torch.device("cuda", 1))
+    assert plan.device_index == 1 and plan.groups == plan_norms(MANY, torch.device("cpu")).groups
