@@ -228,8 +228,9 @@ def _numeric(values: Any, dtype: Any, arrow_type: pa.DataType, valid: np.ndarray
     return pa.Array.from_buffers(arrow_type, len(data), [bitmap, buffer], null_count=nulls)
 
 
-def _strings(values: list[str] | np.ndarray, dictionary: list[str] | None = None) -> pa.Array:
-    """A string column: int32 indices into ``dictionary`` (or the distinct values), cast to plain strings."""
+def _strings(values: list[str] | np.ndarray, dictionary: list[str] | None = None, cast: bool = True) -> pa.Array:
+    """A string column: int32 indices into ``dictionary`` (or the distinct values), cast to plain strings
+    unless ``cast`` is False (the dictionary array itself, as the layers part file stores it)."""
     if dictionary is None:
         dictionary = sorted(set(values))
         where = {v: i for i, v in enumerate(dictionary)}
@@ -239,7 +240,8 @@ def _strings(values: list[str] | np.ndarray, dictionary: list[str] | None = None
     np.cumsum([len(e) for e in encoded], out=offsets[1:])
     names = pa.Array.from_buffers(pa.string(), len(encoded), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))])
     indices = _numeric(values, np.int32, pa.int32())
-    return pa.DictionaryArray.from_arrays(indices, names).cast(pa.string())
+    array = pa.DictionaryArray.from_arrays(indices, names)
+    return array.cast(pa.string()) if cast else array
 
 
 def _columns(rows: list[Row]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -276,7 +278,7 @@ def _columns(rows: list[Row]) -> tuple[dict[str, Any], dict[str, Any]]:
         "optimizer": _numeric(np.full(n * p, slot.index), np.int16, pa.int16()),
         # One index per row and the names once: converting n*p Python strings was most of a flush on
         # models with many tensors. The column written is the same string column.
-        "layer": _strings(np.tile(np.arange(p, dtype=np.int32), n), list(slot.names)),
+        "layer": _strings(np.tile(np.arange(p, dtype=np.int32), n), list(slot.names), cast=False),
         "norm": _numeric(np.where(decoded.present, per, np.nan).reshape(-1), np.float32, pa.float32()),
     }
     return steps, layers

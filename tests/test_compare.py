@@ -334,7 +334,7 @@ def test_ctrl_c_stops_the_running_arm_and_keeps_what_finished(tmp_path: Path) ->
         # Arms: clip seed 0 (fast), baseline seed 1 (0.2 s a step), clip seed 1. Interrupt the slow one
         # once it has written a part file, i.e. once there is something of it to keep.
         _wait_for(lambda: "arm 1/3" in err_path.read_text(), 120, "the first arm to finish")
-        _wait_for(lambda: list(runs.glob("cmp_toy-compare-base-s1-*/parts/steps-*.parquet")), 120, "a part file")
+        _wait_for(lambda: list(runs.glob("cmp_toy-compare-base-s1-*/parts/steps-*.arrow")), 120, "a part file")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 130
     finally:

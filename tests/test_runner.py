@@ -211,7 +211,7 @@ def _start_long_run(tmp_path: Path) -> subprocess.Popen[str]:
 def _wait_for_parts(runs: Path, count: int, timeout: float = 90) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        parts = list(runs.glob("*/parts/steps-*.parquet"))
+        parts = list(runs.glob("*/parts/steps-*.arrow"))
         if len(parts) >= count:
             return parts[0].parent.parent
         time.sleep(0.2)

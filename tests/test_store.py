@@ -65,12 +65,31 @@ def test_round_trip_after_compaction(tmp_path: Path) -> None:
 
 def test_killed_run_reads_its_parts(tmp_path: Path) -> None:
     run_dir = _write_run(tmp_path, compact=False)
-    (run_dir / "parts" / ".steps-000009.parquet.tmp").write_bytes(b"PAR1 half written")  # never listed
+    (run_dir / "parts" / ".steps-000009.arrow.tmp").write_bytes(b"ARROW1 half written")  # never listed
     run = store.load_run(run_dir)
     assert not run.complete and run.status == "killed"  # "running", but its pid is not alive
     assert list(run.steps["step"]) == list(range(12))
     assert run.read_table("layers", ["norm"]).num_rows == 24
     assert sum(b.num_rows for b in run.iter_batches("steps", ["grad_norm"])) == 12
+    layers = run.layers  # the parts hold `layer` as a dictionary: the same frame as after compaction
+    assert str(layers["layer"].dtype) == "category" and list(layers["layer"][:4]) == ["a.weight", "b.bias"] * 2
+    assert sorted(p.suffix for p in (run_dir / "parts").iterdir() if not p.name.startswith(".")) == [".arrow"] * 6
+
+
+def test_parquet_parts_of_gradscope_0_1_0_are_still_read(tmp_path: Path) -> None:
+    run_dir = _write_run(tmp_path, compact=False)
+    for part in sorted((run_dir / "parts").glob("*.arrow")):  # rewrite each part as 0.1.0 wrote it
+        kind = part.name.split("-")[0]
+        with pa.OSFile(str(part), "rb") as source:
+            data = pa.ipc.open_file(source).read_all().cast(store.TABLES[kind])
+        pq.write_table(data, part.with_suffix(".parquet"))
+        part.unlink()
+    run = store.load_run(run_dir)
+    assert list(run.steps["step"]) == list(range(12)) and len(run.layers) == 24
+    assert str(run.layers["layer"].dtype) == "category"
+    store.RunWriter(run_dir).compact()  # and they compact like .arrow parts
+    compacted = store.load_run(run_dir)
+    assert compacted.compacted and list(compacted.layers["norm"]) == list(run.layers["norm"])
 
 
 def test_run_references(tmp_path: Path) -> None:
