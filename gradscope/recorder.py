@@ -565,9 +565,12 @@ class Recorder:
 
     def _layout(self, optimizer: Any) -> _Layout:
         groups = optimizer.param_groups
-        # Cheap per-step check; names are resolved again only when the parameter layout changes.
-        signature = tuple([(id(g["params"]), len(g["params"])) for g in groups])
         last = self._last_layout
+        if last is not None and last[0]() is optimizer and len(groups) == 1 and last[1].signature == (
+                (id(groups[0]["params"]), len(groups[0]["params"])),):
+            return last[1]  # the usual step: the same single-group optimizer as last time
+        # Names are resolved again only when the parameter layout changes.
+        signature = tuple([(id(g["params"]), len(g["params"])) for g in groups])
         if last is not None and last[1].signature == signature and last[0]() is optimizer:
             return last[1]
         layout = self._layouts.get(optimizer)
