@@ -129,16 +129,16 @@ class _Decoded:
     more: dict[str, np.ndarray]  # MORE_DEFAULTS key -> (N,) float64
 
 
-def _to_host(rows: list[Row]) -> tuple[np.ndarray, list[tuple[list[int], np.ndarray, int]], list[tuple[int, str]]]:
+def _to_host(rows: list[Row]) -> tuple[np.ndarray, list[tuple[list[int], np.ndarray]], list[tuple[int, str]]]:
     """All device values of ``rows`` in one device-to-host copy (the flush's one host sync).
 
     Returns the flat float64 values and, for each chunk of them, (the rows it holds, the rows' offsets
-    into the flat values, the values per row): one chunk per preallocated block (the rows' span of it),
+    into the flat values): one chunk per preallocated block (the rows' span of it),
     one per row not in a block; then (row, key) of every ``more`` scalar, in order, after them.
     """
     device = rows[0].values.device
     pieces: list[torch.Tensor] = []
-    chunks: list[tuple[list[int], np.ndarray, int]] = []
+    chunks: list[tuple[list[int], np.ndarray]] = []
     start = 0
     by_block: dict[int, tuple[torch.Tensor, list[int]]] = {}
     for i, row in enumerate(rows):
@@ -146,13 +146,13 @@ def _to_host(rows: list[Row]) -> tuple[np.ndarray, list[tuple[list[int], np.ndar
             by_block.setdefault(id(row.block), (row.block, []))[1].append(i)
         else:
             pieces.append(row.values if row.values.device == device else row.values.to(device))
-            chunks.append(([i], np.array([start]), row.cols.size))
+            chunks.append(([i], np.array([start])))
             start += row.cols.size
     for block, members in by_block.values():
         pos = np.array([rows[i].pos for i in members], dtype=np.int64)
         lo, hi, width = int(pos.min()), int(pos.max()) + 1, block.shape[1]
         pieces.append(block[lo:hi].reshape(-1).to(device))
-        chunks.append((members, start + (pos - lo) * width, width))
+        chunks.append((members, start + (pos - lo) * width))
         start += (hi - lo) * width
     tail: list[tuple[int, str]] = []
     for i, row in enumerate(rows):
@@ -171,7 +171,7 @@ def _decode(rows: list[Row], p: int) -> _Decoded:
     values = np.full((n, p + 1), np.nan)
     read = np.zeros((n, p + 1), dtype=bool)
     loose: dict[int, tuple[np.ndarray, list[int], list[int]]] = {}  # rows not in a block, by column layout
-    for members, offsets, _width in chunks:
+    for members, offsets in chunks:
         cols = rows[members[0]].cols  # the rows of one block share its column layout
         if len(members) == 1:
             group = loose.setdefault(id(cols), (cols, [], []))

@@ -31,23 +31,11 @@ STACK_MAX_NUMEL = 4096
 # reduction per tensor: a pair of (64,) biases read by stacking made the tiny-MLP step 13 µs slower.
 STACK_MIN_TENSORS = 8
 
-_NAN: dict[torch.device, torch.Tensor] = {}
-
-
 def reduce_dtype(dtypes: set[torch.dtype] | frozenset[torch.dtype]) -> torch.dtype | None:
     """The ``dtype=`` of the norm ops for gradients of ``dtypes``: float32, so that 16-bit gradients are
     accumulated in float32 rather than rounded to 16 bits; None (each tensor's own) when any is float64,
     which ``vector_norm`` refuses to narrow to float32."""
     return None if torch.float64 in dtypes else torch.float32
-
-
-def nan_on(device: torch.device) -> torch.Tensor:
-    """A cached float32 NaN scalar on ``device`` (a placeholder for "no value"), made once per device:
-    ``torch.tensor(x, device=cuda)`` per step would be a host-to-device copy."""
-    tensor = _NAN.get(device)
-    if tensor is None:
-        tensor = _NAN[device] = torch.full((), math.nan, dtype=torch.float32, device=device)
-    return tensor
 
 
 @dataclass(frozen=True)
@@ -102,11 +90,7 @@ def read_norms(plan: NormPlan, grads: list[torch.Tensor], loss: torch.Tensor | N
     falls back to :func:`tensor_norms`.
     """
     dtype = plan.dtype
-    if plan.all_single and out is not None:  # the usual step: two ops, no list built in between
-        if loss is None:
-            return torch.stack(torch._foreach_norm(grads, 2, dtype=dtype), out=out)
-        return torch.stack([*torch._foreach_norm(grads, 2, dtype=dtype), loss], out=out)
-    if plan.all_single:
+    if plan.all_single:  # the usual step: the gradient list as it is, then one stack
         head = torch._foreach_norm(grads, 2, dtype=dtype)
     else:
         head = torch._foreach_norm([grads[i] for i in plan.singles], 2, dtype=dtype) if plan.singles else []

@@ -131,25 +131,6 @@ class _ClipCall:
     raw: list[torch.Tensor] | None = None  # value clipping: pre-clip norms, aligned with param_ids
 
 
-def _eager_only(hook: Callable[..., Any], disable: Callable[[Any], Any]) -> Callable[..., Any]:
-    """``hook``, run eagerly even inside ``torch.compile(opt.step)``, at no cost outside compiled code.
-
-    ``torch.compiler.disable(hook)`` alone costs ~5 µs per call in the cold caches after a backward pass
-    (two hooks per step: about 15% of the tiny-MLP recording cost). While dynamo traces, ``is_compiling()``
-    is True and the call goes to the disabled copy, which dynamo turns into a graph break that runs it
-    eagerly; in eager code it is False and the hook is called directly.
-    """
-    disabled = disable(hook)
-    is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
-
-    def eager_hook(*args: Any) -> Any:
-        if is_compiling():
-            return disabled(*args)
-        return hook(*args)
-
-    return eager_hook
-
-
 def _closure_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Callable[[], Any] | None, str | int]:
     if kwargs.get("closure") is not None:
         return kwargs["closure"], "closure"
@@ -307,8 +288,8 @@ class Recorder:
 
         # torch.compiler.disable: dynamo must not trace into the hooks (compile(opt.step) crashes otherwise).
         disable = getattr(torch.compiler, "disable", lambda fn: fn)
-        self._handles = [register_optimizer_step_pre_hook(_eager_only(self._on_step_pre, disable)),
-                         register_optimizer_step_post_hook(_eager_only(self._on_step_post, disable))]
+        self._handles = [register_optimizer_step_pre_hook(disable(self._on_step_pre)),
+                         register_optimizer_step_post_hook(disable(self._on_step_post))]
         self._patch_backward()
         self._patch_clipping(disable)
         self._patch_grad_scaler()
@@ -333,9 +314,8 @@ class Recorder:
             if current_node() is None:
                 try:
                     recorder._on_backward(tensors)
-                except Exception as exc:  # never into the user's loop (see _guard)
-                    recorder._warn("backward", f"recording failed in backward ({type(exc).__name__}: {exc}); "
-                                   "training goes on")
+                except Exception as exc:  # _guard, inlined: this runs every backward
+                    recorder._warn_failed("backward", exc)
             return original(tensors, *args, **kwargs)
 
         self._patcher.replace(torch.autograd, "backward", backward)
@@ -426,8 +406,11 @@ class Recorder:
         except StopRun:
             raise
         except Exception as exc:
-            self._warn(site, f"recording failed in {site} ({type(exc).__name__}: {exc}); training goes on")
+            self._warn_failed(site, exc)
             return None
+
+    def _warn_failed(self, site: str, exc: Exception) -> None:
+        self._warn(site, f"recording failed in {site} ({type(exc).__name__}: {exc}); training goes on")
 
     def _warn(self, site: str, message: str) -> None:
         if site not in self._warned:
@@ -494,7 +477,7 @@ class Recorder:
                 self._draft = self._measure(optimizer)
             except Exception as exc:
                 self._draft = None
-                self._warn("measure", f"recording failed in measure ({type(exc).__name__}: {exc}); training goes on")
+                self._warn_failed("measure", exc)
             return None
         self._draft = None  # measured after the closure's first call, when its grads exist
         wrapped = self._wrap_closure(optimizer, closure)
@@ -608,17 +591,13 @@ class Recorder:
         # Runs every step: kept to the fewest Python calls (each costs several µs in the cold caches that
         # follow a backward pass). The rare cases (GradScaler, closures, compare's injection) branch off.
         layout = self._layout(optimizer)
-        loss = self._loss_sum if closure_result is None and self._loss_ok else self._step_loss(closure_result)
-        row = self._measure_params(layout, loss)
-        row.n_backward = self._n_backward
+        row = self._measure_params(layout, self._step_loss(closure_result))
+        self._fill_step(row)
         groups = optimizer.param_groups
         lr = groups[0].get("lr") if groups else None
         if lr.__class__ is not float and isinstance(lr, torch.Tensor):  # schedulers fill_ a Tensor lr in place
             lr = lr.detach().clone()  # this step's value
         row.lr = lr
-        if self._row_clip is not None:
-            row.clip_source, row.max_norm = self._row_clip
-            self._row_clip = None
         scaler = scaler or self._active_scaler
         if scaler is not None or skipped or self.config.inject_max_norm is not None or hasattr(optimizer, "found_inf"):
             self._measure_rare(row, optimizer, scaler, skipped)
@@ -640,6 +619,13 @@ class Recorder:
             row.attach("found_inf", found_inf.reshape(()).float())
         if self.config.inject_max_norm is not None and not skipped:
             self._inject(optimizer, row)
+
+    def _fill_step(self, row: Row) -> None:
+        """The backward count and the script's clipping (noted by the last clip call) go on ``row``."""
+        row.n_backward = self._n_backward
+        if self._row_clip is not None:
+            row.clip_source, row.max_norm = self._row_clip
+            self._row_clip = None
 
     def _step_loss(self, closure_result: Any) -> torch.Tensor | None:
         """This step's loss (0-dim, float32, on its own device), or None when there is none to report."""
@@ -839,10 +825,7 @@ class Recorder:
             layout = self._new_layout(signature, params, [(0, i) for i in range(len(params))], "manual")
             self._layouts[self] = layout
         row = self._measure_params(layout, self._step_loss(None))
-        row.n_backward = self._n_backward
-        if self._row_clip is not None:
-            row.clip_source, row.max_norm = self._row_clip
-            self._row_clip = None
+        self._fill_step(row)
         if self.config.inject_max_norm is not None:
             row.clip_source, row.max_norm = "injected", self.config.inject_max_norm
         return row
