@@ -17,6 +17,12 @@ Method (the same for every workload):
   snippet's call; the recorder's hooks and loss capture, bracketed by :class:`_Inside`, in one
   extra instrumented block per round). They exclude indirect costs but not the added work, and
   are what resolves a 1% overhead on a machine whose rounds differ by 20%.
+- "After backward" times (CPU) are each step's time from the end of its last backward to the end of
+  ``opt.step()``, in the same blocks as the whole step, minus the plain step's in the same round
+  (gradscope's with its loss capture, taken from the instrumented block, and its flush share). Unlike
+  "inside" they count work the added code moves rather than adds: the first ``p.grad`` read after a
+  backward makes each gradient's Python object, which ``opt.step()`` otherwise makes itself. Unlike the
+  whole step they leave out the forward and backward passes, identical in every variant and noisy.
 
 The ``gradscope`` variant is the recorder ``gradscope profile`` installs: a ``Recorder`` with the
 default ``RecorderConfig`` started around the loop, in the same process, through the same global
@@ -101,6 +107,7 @@ class _Inside:
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
         self.current = 0.0  # seconds inside, this step
+        self.capture = 0.0  # of which in the recorder's loss capture (its torch.autograd.backward wrapper)
         self.marks: dict[str, float] = {}
         self.handles: list[Any] = []
         self.saved_backward: Any = None
@@ -139,7 +146,9 @@ class _Inside:
             try:
                 return inner(*args, **kwargs)
             finally:
-                self.current += sign * (clock() - t0)
+                dt = sign * (clock() - t0)
+                self.current += dt
+                self.capture += dt
 
         return backward
 
@@ -190,6 +199,9 @@ class Result:
     seconds: dict[str, list[float]] = field(default_factory=dict)  # variant -> per-step time, one per round
     flush_seconds: list[float] = field(default_factory=list)  # gradscope: the flush share per step, per round
     inside_seconds: dict[str, list[float]] = field(default_factory=dict)  # variant -> time inside its code, per round
+    # variant -> per-step time after the last backward (CPU only; gradscope's with its loss capture and
+    # flush share added), per round: see _Block.tail
+    tail_seconds: dict[str, list[float]] = field(default_factory=dict)
     recorder_fixed: dict[str, list[float]] = field(default_factory=dict)  # start / first step / stop, seconds
     part_rows: int = 0  # K: rows per part file under the default flush policy at this step time
 
@@ -218,6 +230,11 @@ class Result:
             us = [x * 1e6 for x in inside]
             out["variants"][name].update(inside_us_median=statistics.median(us), inside_us_min=min(us),
                                          inside_us_max=max(us))
+        for name, tails in self.tail_seconds.items():
+            if name != "plain":
+                us = [(t - p) * 1e6 for t, p in zip(tails, self.tail_seconds["plain"], strict=True)]
+                out["variants"][name].update(after_us_median=statistics.median(us), after_us_min=min(us),
+                                             after_us_max=max(us))
         floor = out["variants"].get("floor", {})
         for name, v in out["variants"].items():
             if name == "plain":
@@ -226,6 +243,8 @@ class Result:
             v["vs_floor"] = v["added_us_median"] / f if f and f > 0 else None
             f = floor.get("inside_us_median")
             v["inside_vs_floor"] = v["inside_us_median"] / f if f and "inside_us_median" in v else None
+            f = floor.get("after_us_median")
+            v["after_vs_floor"] = v["after_us_median"] / f if f and f > 0 and "after_us_median" in v else None
         return out
 
 
@@ -300,6 +319,12 @@ class _Block:
     step: float  # per-step time: median of the steps (CPU) or mean between two syncs (CUDA)
     flush: float = 0.0  # gradscope: the flush share per step
     inside: float | None = None  # median per-step time inside the added code, when timed
+    capture: float = 0.0  # of which the recorder's loss capture (median per step), when timed
+    # CPU: median per-step time from the end of the last backward to the end of opt.step(). It holds the
+    # snippet or the recorder's hooks and the optimizer step, and so what they move as well as what they
+    # add: the first read of p.grad after a backward makes the tensor's Python object (~0.6 µs each),
+    # which opt.step() then finds made. A recorder's loss capture runs before it (added from `capture`).
+    tail: float | None = None
 
 
 def _run_block(w: Workload, extra: Callable[[], object] | None, rec: _RecorderBlock | None,
@@ -321,21 +346,32 @@ def _run_block(w: Workload, extra: Callable[[], object] | None, rec: _RecorderBl
             torch.cuda.synchronize()
             step = (clock() - t0) / w.block
         else:
-            times = []
-            for _ in range(w.block):
-                if inside is not None:
-                    inside.current = 0.0
-                t0 = clock()
-                w.step(extra)
-                times.append(clock() - t0)
-                if inside is not None:
-                    inside_times.append(inside.current)
+            times, tails, captures = [], [], []
+            w.tail.clock = clock
+            try:
+                for _ in range(w.block):
+                    if inside is not None:
+                        inside.current = inside.capture = 0.0
+                    t0 = clock()
+                    w.step(extra)
+                    times.append(clock() - t0)
+                    tails.append(w.tail.last)
+                    if inside is not None:
+                        inside_times.append(inside.current)
+                        captures.append(inside.capture)
+            finally:
+                w.tail.clock = None
             step = statistics.median(times)
         block = _Block(step, inside=statistics.median(inside_times) if inside_times else None)
+        if not cuda:
+            block.tail = statistics.median(tails)
+            block.capture = statistics.median(captures) if captures else 0.0
         if rec is not None:
             block.flush = rec.flush_per_step()
             if block.inside is not None:
                 block.inside += block.flush
+            if block.tail is not None:
+                block.tail += block.flush
     finally:
         if rec is not None:
             rec.after()
@@ -378,9 +414,13 @@ def measure(w: Workload, rounds: int, variants: list[Variant] | None = None,
                     result.flush_seconds.append(b.flush)
                 if b.inside is not None:
                     result.inside_seconds.setdefault(v.name, []).append(b.inside)
+                if b.tail is not None:
+                    result.tail_seconds.setdefault(v.name, []).append(b.tail)
             for name, rec in timed_recs.items():
                 b = _run_block(w, None, rec, rec.inside, cuda, clock)
                 result.inside_seconds.setdefault(name, []).append(b.inside)
+                if name in result.tail_seconds:  # the loss capture ran before the tail: add this round's
+                    result.tail_seconds[name][-1] += b.capture
             log(f"  {w.name} round {r + 1}/{rounds}: "
                 + ", ".join(f"{v.name} {result.seconds[v.name][-1] / result.seconds['plain'][-1]:.3f}x"
                             f"/{result.inside_seconds[v.name][-1] * 1e6:.0f}us" for v in variants[1:]))

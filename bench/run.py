@@ -56,11 +56,14 @@ def _params(n: int) -> str:
 def print_overhead(summaries: list[dict[str, Any]], clock: str, threads: int) -> None:
     print(f"\nOverhead per optimizer step: {clock} time, {threads} thread(s); median over interleaved rounds (min–max)")
     print("whole step: the variant's step vs the plain step of the same round (ratio, and µs added per step).")
+    print("after backward: µs added per step from the end of the last backward to the end of opt.step() (CPU; for")
+    print("gradscope with its loss capture and share of the parquet writes): the added code and what it moves out of")
+    print("opt.step() (the first p.grad read after a backward makes each gradient's Python object, whoever reads it).")
     print("inside: µs per step spent in the added code itself (the snippet's call; gradscope's hooks, loss capture")
     print("and its share of the parquet writes), free of the noise of the step around it. ÷ floor: medians over the")
-    print("floor's, whole step / inside.")
-    head = (f"{'workload':<26} {'variant':<29} {'whole step: ratio':<22} {'whole step: added µs':<28} "
-            f"{'inside: µs':<24} {'÷ floor':>11}")
+    print("floor's, whole step / after backward / inside.")
+    head = (f"{'workload':<26} {'variant':<29} {'whole step: ratio':<20} {'whole step: added µs':<26} "
+            f"{'after backward: µs':<23} {'inside: µs':<22} {'÷ floor':>16}")
     print(head)
     print("-" * len(head))
     labels = {v.name: v.label for v in overhead.VARIANTS}
@@ -72,14 +75,15 @@ def print_overhead(summaries: list[dict[str, Any]], clock: str, threads: int) ->
             added = f"{_num(v['added_us_median'])} ({_num(v['added_us_min'])}…{_num(v['added_us_max'])})"
             inside = (f"{v['inside_us_median']:,.0f} ({v['inside_us_min']:,.0f}–{v['inside_us_max']:,.0f})"
                       if "inside_us_median" in v else "–")
+            after = (f"{_num(v['after_us_median'])} ({_num(v['after_us_min'])}…{_num(v['after_us_max'])})"
+                     if "after_us_median" in v else "–")
             if name == "plain":
                 vs = "–"
             else:
-                a = f"{v['vs_floor']:.2f}" if v.get("vs_floor") is not None else "n/a"
-                b = f"{v['inside_vs_floor']:.2f}" if v.get("inside_vs_floor") is not None else "n/a"
-                vs = f"{a} / {b}"
+                vs = " / ".join(f"{v[k]:.2f}" if v.get(k) is not None else "n/a"
+                                for k in ("vs_floor", "after_vs_floor", "inside_vs_floor"))
             first = info[i] if i < len(info) else ""
-            print(f"{first:<26} {labels.get(name, name):<29} {ratio:<22} {added:<28} {inside:<24} {vs:>11}")
+            print(f"{first:<26} {labels.get(name, name):<29} {ratio:<20} {added:<26} {after:<23} {inside:<22} {vs:>16}")
         fixed = s["recorder_fixed_ms"]
         print(f"{'':<26} gradscope's parquet writes: {s['flush_us_per_step']:.1f} µs/step of the above (a part every "
               f"{s['part_rows']:,} steps); once per run: start {fixed.get('start', 0):.0f} ms, first step "
@@ -87,22 +91,33 @@ def print_overhead(summaries: list[dict[str, Any]], clock: str, threads: int) ->
         print("-" * len(head))
 
 
+def _also(figures: dict[str, float | None]) -> str:
+    shown = [f"{name} {x:.2f}x" for name, x in figures.items() if x is not None]
+    return f" ({', '.join(shown)})" if shown else ""
+
+
 def overhead_targets(summaries: list[dict[str, Any]]) -> list[tuple[str, str, str, str, str]]:
+    """Each target judged on the inside figures (precise; they count the work the added code moves out of
+    opt.step() as added), with the after-backward and whole-step figures shown beside them."""
     rows = []
     for s in summaries:
         name, v = s["workload"], s["variants"]
         limit = TARGET_VS_FLOOR.get(name)
         if limit is not None and "gradscope" in v and "floor" in v:
-            vs, whole = v["gradscope"].get("inside_vs_floor"), v["gradscope"].get("vs_floor")
-            got = f"{vs:.2f}x" if vs is not None else "n/a"
-            got += f" (whole step {whole:.2f}x)" if whole is not None else " (whole step n/a)"
+            g = v["gradscope"]
+            x = g.get("inside_vs_floor")
+            got = (f"{x:.2f}x" if x is not None else "n/a") + _also(
+                {"after backward": g.get("after_vs_floor"), "whole step": g.get("vs_floor")})
             rows.append((name, "gradscope added ÷ floor added (inside)", got, f"≤ {limit:g}x",
-                         "ok" if vs is not None and vs <= limit else "MISSED"))
+                         "ok" if x is not None and x <= limit else "MISSED"))
         if name == "many" and "gradscope" in v and "item_loop" in v:
-            g, i = v["gradscope"].get("inside_us_median"), v["item_loop"].get("inside_us_median")
-            x = i / g if g else float("nan")
-            rows.append((name, ".item() loop ÷ gradscope (inside)", f"{x:.1f}x", f"≥ {TARGET_VS_ITEM_LOOP:g}x",
-                         "ok" if x >= TARGET_VS_ITEM_LOOP else "MISSED"))
+            g, i = v["gradscope"], v["item_loop"]
+            x = i["inside_us_median"] / g["inside_us_median"] if g.get("inside_us_median") else None
+            after = (i["after_us_median"] / g["after_us_median"]
+                     if g.get("after_us_median", 0) > 0 and "after_us_median" in i else None)
+            got = (f"{x:.1f}x" if x is not None else "n/a") + _also({"after backward": after})
+            rows.append((name, ".item() loop added ÷ gradscope added (inside)", got, f"≥ {TARGET_VS_ITEM_LOOP:g}x",
+                         "ok" if x is not None and x >= TARGET_VS_ITEM_LOOP else "MISSED"))
     return rows
 
 
@@ -266,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if targets:
         print("\nTargets (issue 5; printed, never asserted)")
         for t in targets:
-            print(f"  {t[0]:<8} {t[1]:<40} {t[2]:>30}   target {t[3]:<10} {t[4]}")
+            print(f"  {t[0]:<8} {t[1]:<46} {t[2]:>44}   target {t[3]:<9} {t[4]}")
     if "recommend" in args.only:
         report["recommend_exit_code"] = run_recommend(args)
     report["wall_s"] = time.perf_counter() - started

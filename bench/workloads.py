@@ -18,11 +18,21 @@ in seconds; ``quick`` shrinks them to prove the harness works (``make test``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass
+class TailTimer:
+    """Times the part of a step after its last backward (the snippet, or the recorder's hooks, and
+    ``opt.step()``) while ``clock`` is set: what reading the gradients adds or moves, without the
+    forward and backward passes whose noise would hide it."""
+
+    clock: Callable[[], float] | None = None
+    last: float = 0.0  # seconds, the last step's
 
 
 @dataclass
@@ -36,6 +46,7 @@ class Workload:
     step: Callable[[Callable[[], object] | None], None]  # one optimizer step, running extra() before opt.step()
     block: int  # steps per timed block (each variant runs one block per round)
     rounds: int = 9  # interleaved rounds in a full run
+    tail: TailTimer = field(default_factory=TailTimer)  # the TailTimer `step` reports to
 
     @property
     def n_params(self) -> int:
@@ -58,7 +69,8 @@ def _cycle(batches: list) -> Callable[[], object]:
 
 
 def _make_step(model: nn.Module, opt: torch.optim.Optimizer, loss_of: Callable[[object], torch.Tensor],
-               next_batch: Callable[[], object], accumulate: int = 1) -> Callable[[Callable[[], object] | None], None]:
+               next_batch: Callable[[], object], tail: TailTimer,
+               accumulate: int = 1) -> Callable[[Callable[[], object] | None], None]:
     def step(extra: Callable[[], object] | None = None) -> None:
         opt.zero_grad(set_to_none=True)
         for _ in range(accumulate):
@@ -66,9 +78,13 @@ def _make_step(model: nn.Module, opt: torch.optim.Optimizer, loss_of: Callable[[
             if accumulate > 1:
                 loss = loss / accumulate
             loss.backward()
+        clock = tail.clock
+        t0 = clock() if clock is not None else 0.0
         if extra is not None:
             extra()
         opt.step()
+        if clock is not None:
+            tail.last = clock() - t0
 
     return step
 
@@ -101,8 +117,9 @@ def lstm(quick: bool = False, device: str = "cpu") -> Workload:
         logits = model(tokens[:, :-1])
         return F.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1))
 
-    return Workload("lstm", "LSTM LM, SGD", model, opt, _make_step(model, opt, loss_of, _cycle(batches)),
-                    block=3 if quick else 5, rounds=7)
+    tail = TailTimer()
+    return Workload("lstm", "LSTM LM, SGD", model, opt, _make_step(model, opt, loss_of, _cycle(batches), tail),
+                    block=3 if quick else 5, rounds=7, tail=tail)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,8 +175,9 @@ def gpt(quick: bool = False, device: str = "cpu") -> Workload:
         logits = model(tokens[:, :-1])
         return F.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1))
 
+    tail = TailTimer()
     return Workload("gpt", "GPT, AdamW, accum 2", model, opt,
-                    _make_step(model, opt, loss_of, _cycle(batches), accumulate=2), block=2 if quick else 3, rounds=5)
+                    _make_step(model, opt, loss_of, _cycle(batches), tail, accumulate=2), block=2 if quick else 3, rounds=5, tail=tail)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,8 +196,9 @@ def tiny_mlp(quick: bool = False, device: str = "cpu") -> Workload:
         x, y = batch
         return F.cross_entropy(model(x), y)
 
-    return Workload("mlp", "tiny MLP, SGD", model, opt, _make_step(model, opt, loss_of, _cycle(batches)),
-                    block=20 if quick else 300, rounds=11)
+    tail = TailTimer()
+    return Workload("mlp", "tiny MLP, SGD", model, opt, _make_step(model, opt, loss_of, _cycle(batches), tail),
+                    block=20 if quick else 300, rounds=11, tail=tail)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,8 +239,9 @@ def many_tensors(quick: bool = False, device: str = "cpu") -> Workload:
         x, y = batch
         return F.cross_entropy(model(x), y)
 
-    return Workload("many", "~400 tensors, SGD+mom", model, opt, _make_step(model, opt, loss_of, _cycle(batches)),
-                    block=5 if quick else 20, rounds=11)
+    tail = TailTimer()
+    return Workload("many", "~400 tensors, SGD+mom", model, opt, _make_step(model, opt, loss_of, _cycle(batches), tail),
+                    block=5 if quick else 20, rounds=11, tail=tail)
 
 
 WORKLOADS: dict[str, Callable[..., Workload]] = {"lstm": lstm, "gpt": gpt, "mlp": tiny_mlp, "many": many_tensors}

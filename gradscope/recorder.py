@@ -99,6 +99,7 @@ class _Layout:
     slot: _Slot
     position: dict[int, int]  # id(param) -> index in params
     plan: NormPlan | None  # None: params on several devices, always the general path
+    sole: list[torch.Tensor] | None = None  # a single-group optimizer's param list itself (Recorder._usual_row)
     cols: dict[Any, np.ndarray] = field(default_factory=dict)  # column maps, made once (see Row.cols)
     blocks: dict[bool, tuple[np.ndarray, RowBlocks]] = field(default_factory=dict)  # with_loss -> planned rows
 
@@ -129,6 +130,33 @@ class _ClipCall:
     max_norm: float | None
     coef: torch.Tensor | None = None  # norm clipping: the factor grads were multiplied by
     raw: list[torch.Tensor] | None = None  # value clipping: pre-clip norms, aligned with param_ids
+
+
+def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compiler.disable(fn)`` for a hook that runs every step, at a fifth of its cost per call.
+
+    What disable does, kept: a compiled ``opt.step`` calls the hook eagerly (a graph break) instead of
+    tracing it, and dynamo's frame callback is off while it runs, so nothing inside is compiled. What is
+    left out: its stance and export bookkeeping, six Python calls that cost ~5 µs a step in the cold
+    caches after a backward (bench/run.py, "mlp"). Falls back to ``torch.compiler.disable`` where torch
+    lacks the private ``set_eval_frame`` or ``torch._dynamo.skip``.
+    """
+    try:
+        from torch._C._dynamo.eval_frame import set_eval_frame
+        from torch._dynamo.decorators import skip
+    except ImportError:  # pragma: no cover - a torch without dynamo's private frame hooks
+        return getattr(torch.compiler, "disable", lambda f: f)(fn)
+
+    def hook(*args: Any) -> Any:
+        prior = set_eval_frame(None)
+        try:
+            return fn(*args)
+        finally:
+            set_eval_frame(prior)
+
+    # skip: the mark (a compiled caller breaks its graph and calls the hook) and the hook's own frame left
+    # alone by the frame callback that is still on when the caller resumes eagerly.
+    return skip(hook)
 
 
 def _closure_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Callable[[], Any] | None, str | int]:
@@ -286,10 +314,10 @@ class Recorder:
     def _install(self) -> None:
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-        # torch.compiler.disable: dynamo must not trace into the hooks (compile(opt.step) crashes otherwise).
+        # Dynamo must not trace into the hooks (compile(opt.step) crashes otherwise).
         disable = getattr(torch.compiler, "disable", lambda fn: fn)
-        self._handles = [register_optimizer_step_pre_hook(disable(self._on_step_pre)),
-                         register_optimizer_step_post_hook(disable(self._on_step_post))]
+        self._handles = [register_optimizer_step_pre_hook(_eager(self._on_step_pre)),
+                         register_optimizer_step_post_hook(_eager(self._on_step_post))]
         self._patch_backward()
         self._patch_clipping(disable)
         self._patch_grad_scaler()
@@ -474,7 +502,7 @@ class Recorder:
         closure, where = _closure_of(args, kwargs) if len(args) > 1 or kwargs else (None, "")
         if closure is None:
             try:  # _guard, inlined: this runs every step
-                self._draft = self._measure(optimizer)
+                self._draft = self._usual_row(optimizer) or self._measure(optimizer)
             except Exception as exc:
                 self._draft = None
                 self._warn_failed("measure", exc)
@@ -563,6 +591,7 @@ class Recorder:
         params = [p for g in groups for p in g["params"]]
         group_of = [(gi, pi) for gi, g in enumerate(groups) for pi in range(len(g["params"]))]
         new = self._new_layout(signature, params, group_of, type(optimizer).__name__)
+        new.sole = groups[0]["params"] if len(groups) == 1 else None
         if layout is not None:  # add_param_group mid-run: a new series, whose step index goes on from the old one's
             new.slot.steps = max(new.slot.steps, layout.slot.steps)
         self._layouts[optimizer] = new
@@ -586,6 +615,31 @@ class Recorder:
         devices = {p.device for p in params}
         plan = plan_norms([p.shape for p in params], devices.pop(), {p.dtype for p in params}) if len(devices) == 1 else None
         return _Layout(signature, params, slot, {id(p): i for i, p in enumerate(params)}, plan)
+
+    def _usual_row(self, optimizer: Any) -> Row | None:
+        """The usual step, measured in one call; None when it is not the usual step (see :meth:`_measure`).
+
+        Usual: the same optimizer and single parameter list as the last step, dense grads on one device,
+        and no clip call, GradScaler, fused-optimizer scale or injected clip to account for. Why a second
+        route: after a backward pass the caches are cold and each Python call costs a few µs; on the tiny
+        MLP the general route's calls cost as much as reading the norms (bench/run.py, workload "mlp").
+        """
+        last = self._last_layout
+        groups = optimizer.param_groups
+        if (last is None or last[0]() is not optimizer or len(groups) != 1 or self._clip_calls
+                or self._active_scaler is not None or self._row_clip is not None
+                or self.config.inject_max_norm is not None or hasattr(optimizer, "found_inf")):
+            return None
+        layout = last[1]
+        params = groups[0]["params"]
+        if params is not layout.sole or len(params) != len(layout.params):
+            return None
+        row = self._planned_row(layout, [p.grad for p in params], self._loss_sum if self._loss_ok else None)
+        if row is not None:
+            row.n_backward = self._n_backward
+            lr = groups[0].get("lr")
+            row.lr = lr.detach().clone() if lr.__class__ is not float and isinstance(lr, torch.Tensor) else lr
+        return row
 
     def _measure(self, optimizer: Any, closure_result: Any = None, scaler: Any = None, skipped: bool = False) -> Row:
         # Runs every step: kept to the fewest Python calls (each costs several µs in the cold caches that
@@ -641,22 +695,32 @@ class Recorder:
         calls = self._script_clip_calls(layout) if self._clip_calls else ()
         if calls and self.config.disable_script_clip:
             calls = ()  # the calls measured but did not scale: nothing to undo
-        # set(map(type, ...)): no None, no DTensor or other subclass, checked in C; sparse grads and grads on
-        # another device pass it and make read_norms raise.
-        if plan is not None and set(map(type, grads)) == _ONLY_TENSOR and (
-                not calls or self._one_clip_over_all(calls, len(grads))):
+        if plan is not None and (not calls or self._one_clip_over_all(calls, len(grads))):
             if loss is not None and loss.get_device() != plan.device_index:  # get_device: no torch.device made
                 loss = loss.to(plan.device, non_blocking=True)
-            cols, out, block, pos = layout.planned_row(loss is not None)
-            try:
-                row = Row(layout.slot, read_norms(plan, grads, loss, out), cols, block, pos)
-            except Exception:  # sparse grads, grads on another device: the general path, from now on
-                layout.plan = None
-            else:
+            row = self._planned_row(layout, grads, loss)
+            if row is not None:
                 if calls:
                     row.attach("script_coef", calls[0].coef)  # type: ignore[arg-type]  # the grads read were scaled by it
                 return row
         return self._measure_general(layout, grads, loss, list(calls))
+
+    @staticmethod
+    def _planned_row(layout: _Layout, grads: list[torch.Tensor | None], loss: torch.Tensor | None) -> Row | None:
+        """The norms (and loss) read by the layout's plan into its next preallocated row; None when the plan
+        does not cover these grads (a param without one, a subclass, or a loss on another device)."""
+        plan = layout.plan
+        # set(map(type, ...)): no None, no DTensor or other subclass, checked in C; sparse grads and grads on
+        # another device pass it and make read_norms raise.
+        if plan is None or set(map(type, grads)) != _ONLY_TENSOR or (
+                loss is not None and loss.get_device() != plan.device_index):  # get_device: no torch.device made
+            return None
+        cols, out, block, pos = layout.planned_row(loss is not None)
+        try:
+            return Row(layout.slot, read_norms(plan, grads, loss, out), cols, block, pos)  # type: ignore[arg-type]
+        except Exception:  # sparse grads, grads on another device: the general path, from now on
+            layout.plan = None
+            return None
 
     def _measure_general(self, layout: _Layout, grads: list[torch.Tensor | None], loss: torch.Tensor | None,
                          calls: list[_ClipCall]) -> Row:

@@ -51,6 +51,10 @@ def test_table_has_every_workload_and_variant(quick: tuple[str, dict]) -> None:
             assert {"ratio_median", "ratio_min", "ratio_max", "added_us_median", "added_us_min", "added_us_max"} <= set(v)
             assert v["ratio_min"] <= v["ratio_median"] <= v["ratio_max"]
         assert summary["variants"]["plain"]["ratio_median"] == 1.0
+        for name, v in summary["variants"].items():  # CPU: every added variant timed inside and after backward
+            if name != "plain":
+                assert v["inside_us_min"] <= v["inside_us_median"] <= v["inside_us_max"] and v["inside_us_min"] > 0
+                assert v["after_us_min"] <= v["after_us_median"] <= v["after_us_max"]
         assert summary["flush_us_per_step"] is not None and summary["part_rows"] >= 100
         assert {"start", "first_step_extra", "stop"} <= set(summary["recorder_fixed_ms"])
         assert all(len(rounds) == summary["rounds"] for rounds in summary["per_round_s"].values())

@@ -378,6 +378,44 @@ def test_torch_compile(profiled: Any, case: str) -> None:
     assert not any("_orig_mod" in n for n in run.meta["optimizers"][index]["names"])
 
 
+def test_hooks_run_eagerly_inside_a_compiled_function() -> None:
+    """The hook wrapper (recorder._eager, a leaner torch.compiler.disable): dynamo calls the hook at a
+    graph break instead of tracing it, and compiles nothing the hook calls; a plain function is traced."""
+    import warnings
+
+    import torch
+
+    from gradscope.recorder import _eager
+
+    def compiling_inside(wrap: Any) -> list[bool]:
+        seen: list[bool] = []
+
+        def callee() -> None:
+            seen.append(torch.compiler.is_compiling())
+
+        def hook(x: torch.Tensor) -> None:
+            seen.append(torch.compiler.is_compiling())
+            callee()
+
+        hooked = wrap(hook)
+
+        def train_step(x: torch.Tensor) -> torch.Tensor:
+            y = x * 2
+            hooked(y)
+            return y + 1
+
+        torch._dynamo.reset()
+        out = torch.compile(train_step, backend="eager")(torch.ones(3))
+        assert out.tolist() == [3.0, 3.0, 3.0]
+        return seen
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert compiling_inside(_eager) == [False, False]
+    assert not [w for w in caught if "dynamo" in str(w.filename) or "graph break" in str(w.message).lower()]
+    assert compiling_inside(lambda fn: fn) == [True, True]  # the control: unwrapped, dynamo traces it
+
+
 # --------------------------------------------------------------------------------------------------
 # Hand-written update loops (no torch.optim): the classic word-language-model RNN
 # --------------------------------------------------------------------------------------------------
