@@ -619,22 +619,21 @@ class Recorder:
     def _usual_row(self, optimizer: Any) -> Row | None:
         """The usual step, measured in one call; None when it is not the usual step (see :meth:`_measure`).
 
-        Usual: the same optimizer and single parameter list as the last step, dense grads on one device,
+        Usual: an optimizer seen before, with the same single parameter list, dense grads on one device,
         and no clip call, GradScaler, fused-optimizer scale or injected clip to account for. Why a second
         route: after a backward pass the caches are cold and each Python call costs a few µs; on the tiny
         MLP the general route's calls cost as much as reading the norms (bench/run.py, workload "mlp").
         """
-        last = self._last_layout
         groups = optimizer.param_groups
-        if (last is None or last[0]() is not optimizer or len(groups) != 1 or self._clip_calls
-                or self._active_scaler is not None or self._row_clip is not None
+        if (len(groups) != 1 or self._clip_calls or self._active_scaler is not None or self._row_clip is not None
                 or self.config.inject_max_norm is not None or hasattr(optimizer, "found_inf")):
             return None
-        layout = last[1]
+        layout = self._layouts.get(optimizer)  # per optimizer: a GAN's two alternate and both stay here
         params = groups[0]["params"]
-        if params is not layout.sole or len(params) != len(layout.params):
+        if layout is None or params is not layout.sole or len(params) != len(layout.params):
             return None
-        row = self._planned_row(layout, [p.grad for p in params], self._loss_sum if self._loss_ok else None)
+        # layout.params, as _measure reads: the same tensors unless an entry of the list was swapped in place
+        row = self._planned_row(layout, [p.grad for p in layout.params], self._loss_sum if self._loss_ok else None)
         if row is not None:
             row.n_backward = self._n_backward
             lr = groups[0].get("lr")
