@@ -88,6 +88,11 @@ def print_overhead(summaries: list[dict[str, Any]], clock: str, threads: int) ->
         print(f"{'':<26} gradscope's parquet writes: {s['flush_us_per_step']:.1f} µs/step of the above (a part every "
               f"{s['part_rows']:,} steps); once per run: start {fixed.get('start', 0):.0f} ms, first step "
               f"+{fixed.get('first_step_extra', 0):.0f} ms, stop {fixed.get('stop', 0):.0f} ms")
+        timer = s.get("timer_us", {})
+        if timer:
+            print(f"{'':<26} inside is net of what its timers read around nothing (measured each round): "
+                  f"{timer.get('hooks', 0):.1f} µs/step for gradscope's hook and backward brackets, "
+                  f"{timer.get('call', 0):.1f} µs for a snippet's timed call")
         print("-" * len(head))
 
 

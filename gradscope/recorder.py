@@ -3,7 +3,8 @@
 What it installs (all undone by :meth:`Recorder.stop`):
 
 - global optimizer step pre/post hooks (every ``torch.optim.Optimizer``, even one created before),
-  wrapped in ``torch.compiler.disable`` so that ``torch.compile(opt.step)`` runs them eagerly;
+  wrapped by :func:`_eager` (a leaner ``torch.compiler.disable``) so that ``torch.compile(opt.step)``
+  runs them eagerly;
 - ``torch.autograd.backward`` (``Tensor.backward`` calls it) for the loss of each step;
 - ``clip_grad_norm_`` / ``clip_grads_with_norm_`` / ``clip_grad_value_`` for the script's own
   clipping, so the recorded norm is the *pre-clip* one;
