@@ -102,9 +102,11 @@ class StepBuffer:
         """Number of rows not yet written."""
         return len(self._rows)
 
-    def add(self, row: Row) -> None:
-        """Queue one committed step."""
-        self._rows.append(row)
+    def add(self, row: Row) -> int:
+        """Queue one committed step; returns the number of rows now pending."""
+        rows = self._rows
+        rows.append(row)
+        return len(rows)
 
     def drain(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield ("steps", columns) and ("layers", columns) for every pending row, then forget them."""

@@ -104,14 +104,25 @@ class _Layout:
     cols: dict[Any, np.ndarray] = field(default_factory=dict)  # column maps, made once (see Row.cols)
     blocks: dict[bool, tuple[np.ndarray, RowBlocks]] = field(default_factory=dict)  # with_loss -> planned rows
 
-    def planned_row(self, with_loss: bool) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, int]:
-        """Where the plan's next values go: (their columns, a preallocated row, its block, its index)."""
-        found = self.blocks.get(with_loss)
+    def read_row(self, grads: list[torch.Tensor | None], loss: torch.Tensor | None) -> Row | None:
+        """The norms (and loss) read by the plan into its next preallocated row; None when the plan does
+        not cover these grads (a param without one, a subclass, or a loss on another device)."""
+        plan = self.plan
+        # set(map(type, ...)): no None, no DTensor or other subclass, checked in C; sparse grads and grads on
+        # another device pass it and make read_norms raise.
+        if plan is None or set(map(type, grads)) != _ONLY_TENSOR or (
+                loss is not None and loss.get_device() != plan.device_index):  # get_device: no torch.device made
+            return None
+        found = self.blocks.get(loss is not None)
         if found is None:
-            assert self.plan is not None
-            cols = self.plan.cols(with_loss)
-            found = self.blocks[with_loss] = (cols, RowBlocks(cols.size, self.plan.device))
-        return (found[0], *found[1].claim())
+            cols = plan.cols(loss is not None)
+            found = self.blocks[loss is not None] = (cols, RowBlocks(cols.size, plan.device))
+        out, block, pos = found[1].claim()
+        try:
+            return Row(self.slot, read_norms(plan, grads, loss, out), found[0], block, pos)  # type: ignore[arg-type]
+        except Exception:  # sparse grads, grads on another device: the general path, from now on
+            self.plan = None
+            return None
 
     def present_cols(self, present: tuple[int, ...], with_loss: bool) -> np.ndarray:
         """Columns of the general path's values: the params that had a grad, in order, then the loss."""
@@ -339,6 +350,8 @@ class Recorder:
         current_node = torch._C._current_autograd_node
 
         def backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
+            if not isinstance(tensors, (torch.Tensor, tuple, list)):
+                tensors = tuple(tensors)  # a generator: read it once, for the loss and for torch alike
             # Reentrant checkpointing calls backward from inside the engine: not a new loss.
             if current_node() is None:
                 try:
@@ -460,9 +473,8 @@ class Recorder:
             self._clip_calls = []
             self._window_closed = False
         self._n_backward += 1
-        roots = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-        for root in roots:
-            if root.numel() != 1:
+        for root in (tensors,) if isinstance(tensors, torch.Tensor) else tensors:
+            if root.dim() and root.numel() != 1:  # dim() first: the usual loss is 0-dim
                 self._loss_ok = False  # out.backward(gradient) on a non-scalar: no loss to report
                 continue
             value = self._unscaled(root) if self._scaler_seen else root.detach()
@@ -471,7 +483,8 @@ class Recorder:
             # A view, not a copy: the step's read stacks it with the norms (that stack is the copy). No row
             # may keep the view itself: a loss can share a step-sized buffer (mse_loss's result keeps its
             # (B, T) workspace as storage), and rows holding those until the flush grew memory ~0.5 MB/step.
-            value = value.float()
+            if value.dtype is not torch.float32:
+                value = value.float()
             self._loss_sum = value if self._loss_sum is None else self._loss_sum + value.to(self._loss_sum.device)
         self._pending_scale = None
 
@@ -634,7 +647,7 @@ class Recorder:
         if layout is None or params is not layout.sole or len(params) != len(layout.params):
             return None
         # layout.params, as _measure reads: the same tensors unless an entry of the list was swapped in place
-        row = self._planned_row(layout, [p.grad for p in layout.params], self._loss_sum if self._loss_ok else None)
+        row = layout.read_row([p.grad for p in layout.params], self._loss_sum if self._loss_ok else None)
         if row is not None:
             row.n_backward = self._n_backward
             lr = groups[0].get("lr")
@@ -698,29 +711,12 @@ class Recorder:
         if plan is not None and (not calls or self._one_clip_over_all(calls, len(grads))):
             if loss is not None and loss.get_device() != plan.device_index:  # get_device: no torch.device made
                 loss = loss.to(plan.device, non_blocking=True)
-            row = self._planned_row(layout, grads, loss)
+            row = layout.read_row(grads, loss)
             if row is not None:
                 if calls:
                     row.attach("script_coef", calls[0].coef)  # type: ignore[arg-type]  # the grads read were scaled by it
                 return row
         return self._measure_general(layout, grads, loss, list(calls))
-
-    @staticmethod
-    def _planned_row(layout: _Layout, grads: list[torch.Tensor | None], loss: torch.Tensor | None) -> Row | None:
-        """The norms (and loss) read by the layout's plan into its next preallocated row; None when the plan
-        does not cover these grads (a param without one, a subclass, or a loss on another device)."""
-        plan = layout.plan
-        # set(map(type, ...)): no None, no DTensor or other subclass, checked in C; sparse grads and grads on
-        # another device pass it and make read_norms raise.
-        if plan is None or set(map(type, grads)) != _ONLY_TENSOR or (
-                loss is not None and loss.get_device() != plan.device_index):  # get_device: no torch.device made
-            return None
-        cols, out, block, pos = layout.planned_row(loss is not None)
-        try:
-            return Row(layout.slot, read_norms(plan, grads, loss, out), cols, block, pos)  # type: ignore[arg-type]
-        except Exception:  # sparse grads, grads on another device: the general path, from now on
-            layout.plan = None
-            return None
 
     def _measure_general(self, layout: _Layout, grads: list[torch.Tensor | None], loss: torch.Tensor | None,
                          calls: list[_ClipCall]) -> Row:
@@ -909,10 +905,9 @@ class Recorder:
         row.step = slot.steps
         slot.steps += 1
         row.time_s = time.perf_counter() - self._t0
-        buffer.add(row)
+        pending = buffer.add(row)
         self._commits += 1
         self._window_closed = True
-        pending = buffer.pending
         if pending >= cfg.flush_every:
             interval = max(cfg.flush_seconds, 0.002 * row.time_s)  # fewer parts as a long run ages
             if time.perf_counter() - self._last_flush >= interval or pending >= 100 * cfg.flush_every:

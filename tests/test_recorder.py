@@ -147,7 +147,7 @@ def test_closure_steps_measure_after_the_first_evaluation(profiled: Any, case: s
 # --------------------------------------------------------------------------------------------------
 
 GRAD_CASES = ["accum-div", "accum-nodiv", "frozen", "bf16", "sparse-sgd", "sparse-adam", "stacked", "stacked-bf16",
-              "stacked-f64"]
+              "stacked-f64", "backward-forms"]
 
 
 grads_run = pytest.mark.profiled("rec_grads.py", *GRAD_CASES)
@@ -161,6 +161,17 @@ def test_accumulation_loss_is_the_sum_of_the_backwarded_scalars(profiled: Any, c
     run, refs = profiled.run, profiled.ref(case)
     steps = check_records(run, optimizer_of(run, f"{case}."), refs)
     assert list(steps.n_backward) == [4] * len(refs)
+
+
+@grads_run
+def test_backward_of_several_losses_as_a_generator_or_a_list(profiled: Any) -> None:
+    """torch.autograd.backward(generator or list of a 0-dim and a (1,) float64 loss): the script's
+    grads are those of both (the generator is read once, for torch and the recorder alike), and the
+    recorded loss is their sum."""
+    run, refs = profiled.run, profiled.ref("backward-forms")
+    steps = check_records(run, optimizer_of(run, "backward-forms."), refs)
+    assert list(steps.n_backward) == [1] * len(refs) == [1] * 4
+    assert (steps.grad_norm > 0).all()  # a generator read up by the recorder would leave torch nothing to do
 
 
 @grads_run

@@ -7,6 +7,8 @@ sparse-sgd: nn.Embedding(sparse=True) + a dense head in one SGD (sparse and dens
 sparse-adam: the sparse embedding in SparseAdam, the dense head in Adam: one backward, two steps.
 stacked / stacked-bf16 / stacked-f64: 32 small tensors of two shapes (read by stacking, on CPU), a large one, two 0-dim
     params, and a block used only on odd steps (its grads are None on even steps); float32, bf16, float64.
+backward-forms: torch.autograd.backward on two losses at once, a 0-dim one and a (1,)-shaped float64 one,
+    passed as a generator on even steps and as a list on odd steps.
 """
 
 import sys
@@ -145,6 +147,20 @@ def stacked(case):
         opt.step()
 
 
+def backward_forms(case):
+    model = named(case, mlp())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for i in range(4):
+        opt.zero_grad()
+        out = model(torch.randn(6, 8))
+        first = torch.nn.functional.mse_loss(out, torch.randn(6, 4))
+        second = out.double().pow(2).mean().reshape(1)
+        losses = (first, second)
+        torch.autograd.backward((x for x in losses) if i % 2 == 0 else list(losses))
+        ref(case, i, model.named_parameters(), first.item() + second.item())
+        opt.step()
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     for case in sys.argv[1:]:
@@ -154,4 +170,4 @@ if __name__ == "__main__":
             sparse(case)
         else:
             {"frozen": frozen, "bf16": bf16, "stacked": stacked, "stacked-bf16": stacked,
-             "stacked-f64": stacked}[case](case)
+             "stacked-f64": stacked, "backward-forms": backward_forms}[case](case)
