@@ -323,8 +323,9 @@ class _EmptyBrackets:
     """The recorder's inside brackets with no recorder between them: what the brackets themselves read.
 
     Subtracted from gradscope's inside time in the same round (calibration, like a timer's own cost):
-    with nothing between them the hook and backward brackets read ~4 µs per step on a 2-core CPU, while
-    a snippet's timer reads ~0.2 µs (calibrated the same way, with a call of an empty function).
+    with nothing between them and the process-CPU clock, the hook and backward brackets read 9–53 µs per
+    step on a 2-core CPU (more after a longer backward), while a snippet's timer reads 1–4 µs
+    (calibrated the same way, with a call of an empty function).
     """
 
     def __init__(self, clock: Callable[[], float]) -> None:

@@ -649,9 +649,7 @@ class Recorder:
         # layout.params, as _measure reads: the same tensors unless an entry of the list was swapped in place
         row = layout.read_row([p.grad for p in layout.params], self._loss_sum if self._loss_ok else None)
         if row is not None:
-            row.n_backward = self._n_backward
-            lr = groups[0].get("lr")
-            row.lr = lr.detach().clone() if lr.__class__ is not float and isinstance(lr, torch.Tensor) else lr
+            self._fill_step(row, groups)
         return row
 
     def _measure(self, optimizer: Any, closure_result: Any = None, scaler: Any = None, skipped: bool = False) -> Row:
@@ -659,12 +657,7 @@ class Recorder:
         # follow a backward pass). The rare cases (GradScaler, closures, compare's injection) branch off.
         layout = self._layout(optimizer)
         row = self._measure_params(layout, self._step_loss(closure_result))
-        self._fill_step(row)
-        groups = optimizer.param_groups
-        lr = groups[0].get("lr") if groups else None
-        if lr.__class__ is not float and isinstance(lr, torch.Tensor):  # schedulers fill_ a Tensor lr in place
-            lr = lr.detach().clone()  # this step's value
-        row.lr = lr
+        self._fill_step(row, optimizer.param_groups)
         scaler = scaler or self._active_scaler
         if scaler is not None or skipped or self.config.inject_max_norm is not None or hasattr(optimizer, "found_inf"):
             self._measure_rare(row, optimizer, scaler, skipped)
@@ -687,9 +680,14 @@ class Recorder:
         if self.config.inject_max_norm is not None and not skipped:
             self._inject(optimizer, row)
 
-    def _fill_step(self, row: Row) -> None:
-        """The backward count and the script's clipping (noted by the last clip call) go on ``row``."""
+    def _fill_step(self, row: Row, groups: list[dict[str, Any]] | tuple[()] = ()) -> None:
+        """The backward count, the lr of the first param group (none for a hand-written loop) and the
+        script's clipping (noted by the last clip call) go on ``row``."""
         row.n_backward = self._n_backward
+        lr = groups[0].get("lr") if groups else None
+        if lr.__class__ is not float and isinstance(lr, torch.Tensor):  # schedulers fill_ a Tensor lr in place
+            lr = lr.detach().clone()  # this step's value
+        row.lr = lr
         if self._row_clip is not None:
             row.clip_source, row.max_norm = self._row_clip
             self._row_clip = None
