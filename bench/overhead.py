@@ -76,6 +76,23 @@ def _floor(w: Workload) -> Callable[[], object]:
     return floor
 
 
+def _plan_read(w: Workload) -> Callable[[], object]:
+    """gradscope's norm read alone: its plan's stacks and norms written into a preallocated row, as the
+    recorder's usual step does, without its hooks, loss capture, bookkeeping or writes. What any
+    recorder that reads every gradient this way pays at least (the bound under the .item() target)."""
+    from gradscope.buffer import RowBlocks
+    from gradscope.measure import plan_norms, write_norms
+
+    params = [p for g in w.optimizer.param_groups for p in g["params"]]
+    plan = plan_norms([p.shape for p in params], params[0].device, {p.dtype for p in params})
+    rows = RowBlocks(plan.part_sizes(False), plan.device)
+
+    def read() -> None:
+        write_norms(plan, [p.grad for p in params], None, rows.claim()[1])
+
+    return read
+
+
 def _item_loop(w: Workload) -> Callable[[], object]:
     model = w.model
 
@@ -180,6 +197,7 @@ class _Inside:
 VARIANTS: list[Variant] = [
     Variant("plain", "plain step"),
     Variant("gradscope", "gradscope Recorder", recorder=True),
+    Variant("read", "its norm read alone", _plan_read),
     Variant("floor", "floor: _foreach_norm + stack", _floor),
     Variant("item_loop", "[p.grad.norm(2).item() ...]", _item_loop),
     Variant("clip_inf", "clip_grad_norm_(inf).item()", _clip_inf),

@@ -9,6 +9,7 @@ in float64 numpy, instead of as extra device ops on every step.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,23 +40,27 @@ class RowBlocks:
     a flush and committed after it can never be overwritten.
     """
 
-    def __init__(self, width: int, device: torch.device, rows_per_block: int = 1024) -> None:
-        self.width = width
+    def __init__(self, sizes: list[int], device: torch.device, rows_per_block: int = 1024) -> None:
+        self.sizes = list(sizes)  # the widths of a row's parts (NormPlan.part_sizes)
+        self.width = sum(self.sizes)
         self.device = device
         self.rows_per_block = rows_per_block
         self._block: torch.Tensor | None = None
-        self._views: list[torch.Tensor] = []
+        self._rows: tuple[torch.Tensor, ...] = ()
+        self._parts: list[tuple[torch.Tensor, ...]] = []
         self._next = 0
 
-    def claim(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The next free row: (the row's view, its block, its index in the block)."""
-        if self._next == len(self._views):
-            self._block = torch.empty((self.rows_per_block, self.width), dtype=torch.float32, device=self.device)
-            self._views = list(self._block.unbind(0))  # one C++ call for all the views of the block
+    def claim(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, int]:
+        """The next free row: (the row's view, the views of its parts, its block, its index in the block)."""
+        if self._next == len(self._rows):
+            block = self._block = torch.empty((self.rows_per_block, self.width), dtype=torch.float32, device=self.device)
+            # All the views of a block made at once, in C++ (unbind): a step then slices nothing.
+            self._rows = block.unbind(0)
+            self._parts = list(zip(*(part.unbind(0) for part in block.split(self.sizes, dim=1)), strict=True))
             self._next = 0
         i = self._next
         self._next += 1
-        return self._views[i], self._block, i  # type: ignore[return-value]
+        return self._rows[i], self._parts[i], self._block, i  # type: ignore[return-value]
 
 
 @dataclass(slots=True)
@@ -193,7 +198,12 @@ def _decode(rows: list[Row], p: int) -> _Decoded:
 def _place(values: np.ndarray, read: np.ndarray, flat: np.ndarray, cols: np.ndarray, members: np.ndarray,
            offsets: np.ndarray) -> None:
     """Rows ``members``, whose values start at ``offsets`` in ``flat``, go to their columns ``cols``."""
-    take = offsets[:, None] + np.arange(cols.size)
+    width = cols.size
+    if width and cols.max() == width - 1:  # the first `width` columns, permuted (the planned read): a gather
+        values[members, :width] = flat[offsets[:, None] + np.argsort(cols)]  # 5x faster than the scatter below
+        read[members, :width] = True
+        return
+    take = offsets[:, None] + np.arange(width)
     values[members[:, None], cols[None, :]] = flat[take]
     read[members[:, None], cols[None, :]] = True
 
@@ -230,20 +240,25 @@ def _numeric(values: Any, dtype: Any, arrow_type: pa.DataType, valid: np.ndarray
     return pa.Array.from_buffers(arrow_type, len(data), [bitmap, buffer], null_count=nulls)
 
 
-def _strings(values: list[str] | np.ndarray, dictionary: list[str] | None = None, cast: bool = True) -> pa.Array:
-    """A string column: int32 indices into ``dictionary`` (or the distinct values), cast to plain strings
-    unless ``cast`` is False (the dictionary array itself, as the layers part file stores it)."""
-    if dictionary is None:
-        dictionary = sorted(set(values))
-        where = {v: i for i, v in enumerate(dictionary)}
-        values = [where[v] for v in values]
-    encoded = [v.encode("utf-8") for v in dictionary]
+def _string_array(encoded: list[bytes]) -> pa.Array:
+    """A plain string column from its UTF-8 values, made from buffers (see :func:`_numeric`)."""
     offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
     np.cumsum([len(e) for e in encoded], out=offsets[1:])
-    names = pa.Array.from_buffers(pa.string(), len(encoded), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))])
-    indices = _numeric(values, np.int32, pa.int32())
-    array = pa.DictionaryArray.from_arrays(indices, names)
-    return array.cast(pa.string()) if cast else array
+    return pa.Array.from_buffers(pa.string(), len(encoded), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))])
+
+
+def _strings(values: list[str]) -> pa.Array:
+    """A string column of few distinct values. Never ``Array.cast``: its first call loads arrow's compute
+    kernels, ~0.1 s in the user's training process at the first flush."""
+    encoded = {v: v.encode("utf-8") for v in set(values)}
+    return _string_array([encoded[v] for v in values])
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_names(names: tuple[str, ...]) -> pa.Array:
+    """The layer names of one optimizer as the dictionary of the layers column: made once, not per flush
+    (encoding 400 names cost ~0.3 ms a flush)."""
+    return _string_array([name.encode("utf-8") for name in names])
 
 
 def _columns(rows: list[Row]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -280,7 +295,8 @@ def _columns(rows: list[Row]) -> tuple[dict[str, Any], dict[str, Any]]:
         "optimizer": _numeric(np.full(n * p, slot.index), np.int16, pa.int16()),
         # One index per row and the names once: converting n*p Python strings was most of a flush on
         # models with many tensors. The column written is the same string column.
-        "layer": _strings(np.tile(np.arange(p, dtype=np.int32), n), list(slot.names), cast=False),
+        "layer": pa.DictionaryArray.from_arrays(_numeric(np.tile(np.arange(p, dtype=np.int32), n), np.int32, pa.int32()),
+                                                _layer_names(tuple(slot.names))),
         "norm": _numeric(np.where(decoded.present, per, np.nan).reshape(-1), np.float32, pa.float32()),
     }
     return steps, layers

@@ -11,15 +11,17 @@ reduction per tensor, about 2 µs each, so a model with 400 small tensors paid ~
 alone; on CUDA the fused kernel still makes one output tensor per input (2.3 ms of host time for the
 same 400 tensors on an H200). Small tensors of one shape, eight or more of them, are therefore stacked
 (one batched copy) and reduced along their trailing dims (one op per shape); large or one-of-a-kind
-tensors still go through one ``_foreach_norm``. The values come out in the plan's order;
-``NormPlan.cols`` says which parameter each belongs to.
+tensors go through one ``_foreach_norm``, or one ``vector_norm`` each when only a few sit beside the
+groups. Every result is written with ``out=`` into its part of a preallocated row (no concatenation),
+in the plan's order; ``NormPlan.cols`` says which parameter each value belongs to.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from operator import itemgetter
 
 import numpy as np
 import torch
@@ -30,6 +32,10 @@ STACK_MAX_NUMEL = 4096
 # A stacked group costs three ops (stack, reduce, and its share of one cat) where _foreach_norm costs one
 # reduction per tensor: a pair of (64,) biases read by stacking made the tiny-MLP step 13 µs slower.
 STACK_MIN_TENSORS = 8
+# Up to this many one-of-a-kind tensors beside stacked groups are read by one vector_norm each, not by a
+# _foreach_norm: after a backward pass the first call of an op kind costs 20-50 us on CPU and a further
+# call of a warm one ~4 us (measured on bench/run.py's workload "many": 2 singles beside 398 stacked).
+FEW_SINGLES = 8
 
 def reduce_dtype(dtypes: set[torch.dtype] | frozenset[torch.dtype]) -> torch.dtype | None:
     """The ``dtype=`` of the norm ops for gradients of ``dtypes``: float32, so that 16-bit gradients are
@@ -43,8 +49,8 @@ class NormPlan:
     """How to read the L2 norm of each of P gradients, all dense and on one device, in few ops.
 
     ``singles`` go through one ``_foreach_norm``; each entry of ``groups`` is stacked and reduced over
-    ``dims``. The values of :func:`read_norms` come out as ``[singles..., loss?, group 0..., group 1...]``;
-    ``cols(with_loss)`` maps each value to its column: a parameter index, or P for the loss.
+    ``dims``. The values come out as ``[singles..., loss?, group 0..., group 1...]`` (``part_sizes`` wide
+    each); ``cols(with_loss)`` maps each value to its column: a parameter index, or P for the loss.
     """
 
     n: int
@@ -54,11 +60,17 @@ class NormPlan:
     singles: tuple[int, ...]
     groups: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]  # (parameter indices, dims to reduce)
     all_single: bool  # singles is range(n): the gradient list is passed as it is
+    # per group: its grads picked in C (itemgetter), not by a list comprehension per step
+    pickers: tuple[Callable[[list[torch.Tensor]], tuple[torch.Tensor, ...]], ...] = field(default=(), compare=False, repr=False)
 
     def cols(self, with_loss: bool) -> np.ndarray:
-        """Column of each value :func:`read_norms` returns: parameter index, or ``n`` for the loss."""
+        """Column of each value a row holds: a parameter index, or ``n`` for the loss."""
         loss = [self.n] if with_loss else []
         return np.array([*self.singles, *loss, *(i for idx, _ in self.groups for i in idx)], dtype=np.int64)
+
+    def part_sizes(self, with_loss: bool) -> list[int]:
+        """Widths of a row's parts, in ``cols`` order: the singles and the loss, then each group."""
+        return [len(self.singles) + with_loss, *(len(idx) for idx, _ in self.groups)]
 
 
 def plan_norms(shapes: Sequence[Sequence[int]], device: torch.device,
@@ -78,31 +90,45 @@ def plan_norms(shapes: Sequence[Sequence[int]], device: torch.device,
         else:
             singles.extend(indices)
     singles.sort()
-    return NormPlan(n, device, index, dtype, tuple(singles), tuple(groups), not groups)
+    pickers = tuple(itemgetter(*indices) for indices, _ in groups)  # >= STACK_MIN_TENSORS each: a tuple back
+    return NormPlan(n, device, index, dtype, tuple(singles), tuple(groups), not groups, pickers)
 
 
-def read_norms(plan: NormPlan, grads: list[torch.Tensor], loss: torch.Tensor | None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-    """The norms of ``grads`` (and ``loss``, a 0-dim tensor on the plan's device) as one float32 vector,
-    written into ``out`` (a preallocated row of the right length) when given.
+def write_norms(plan: NormPlan, grads: list[torch.Tensor], loss: torch.Tensor | None,
+                parts: Sequence[torch.Tensor]) -> None:
+    """Write the norms of ``grads`` (and ``loss``, a 0-dim tensor on the plan's device) into ``parts``:
+    float32 views of one row, of the widths ``plan.part_sizes`` gives (a preallocated row, split once).
 
-    Raises on anything the plan does not cover (a sparse gradient, one on another device): the caller
-    falls back to :func:`tensor_norms`.
+    Raises on anything the plan does not cover (a gradient that is None, sparse or on another device):
+    the caller falls back to :func:`tensor_norms`. Nothing is allocated but the stacks and the norms.
     """
     dtype = plan.dtype
-    if plan.all_single:  # the usual step: the gradient list as it is, then one stack
-        head = torch._foreach_norm(grads, 2, dtype=dtype)
-    else:
-        head = torch._foreach_norm([grads[i] for i in plan.singles], 2, dtype=dtype) if plan.singles else []
+    for (_, dims), pick, dest in zip(plan.groups, plan.pickers, parts[1:], strict=True):
+        # The groups first: after a backward pass the first call of each op kind is the costly one
+        # (cold caches, 20-50 us on CPU), so the singles' vector_norm below then runs warm.
+        stacked = torch.stack(pick(grads))
+        if dtype is None:  # float64 grads: vector_norm's out= must have its float64 dtype
+            dest.copy_(torch.linalg.vector_norm(stacked, 2, dim=dims))
+        else:
+            torch.linalg.vector_norm(stacked, 2, dim=dims, dtype=dtype, out=dest)
+    if plan.all_single:  # the gradient list as it is
+        head: list[torch.Tensor] = list(torch._foreach_norm(grads, 2, dtype=dtype))
+    elif len(plan.singles) > FEW_SINGLES:
+        head = list(torch._foreach_norm([grads[i] for i in plan.singles], 2, dtype=dtype))
+    else:  # one warm vector_norm each costs less than a cold _foreach_norm
+        head = [torch.linalg.vector_norm(grads[i], 2, dtype=dtype) for i in plan.singles]
     if loss is not None:
-        head = [*head, loss]
-    if not plan.groups:
-        return torch.stack(head, out=out) if out is not None else torch.stack(head)
-    parts = [torch.stack(head)] if head else []
-    for indices, dims in plan.groups:
-        stacked = torch.stack([grads[i] for i in indices])
-        parts.append(torch.linalg.vector_norm(stacked, 2, dim=dims, dtype=dtype))
-    return torch.cat(parts, out=out) if out is not None else torch.cat(parts)
+        head.append(loss)
+    if head:
+        torch.stack(head, out=parts[0])
+
+
+def read_norms(plan: NormPlan, grads: list[torch.Tensor], loss: torch.Tensor | None) -> torch.Tensor:
+    """The norms of ``grads`` (and ``loss``) as one new float32 vector, in ``plan.cols`` order
+    (:func:`write_norms` into a row of its own)."""
+    out = torch.empty(plan.n + (loss is not None), dtype=torch.float32, device=plan.device)
+    write_norms(plan, grads, loss, out.split(plan.part_sizes(loss is not None)))
+    return out
 
 
 def _local(grad: torch.Tensor) -> torch.Tensor:

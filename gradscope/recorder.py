@@ -46,14 +46,14 @@ from gradscope.measure import (
     clip_coefficient,
     global_norm,
     plan_norms,
-    read_norms,
     stack_on,
     tensor_norms,
+    write_norms,
 )
 from gradscope.naming import resolve_names
 from gradscope.patches import Patcher
 
-_ONLY_TENSOR = {torch.Tensor}
+_PLAIN = (torch.Tensor, nn.Parameter)  # param types whose grads are plain tensors (not DTensor)
 
 
 @dataclass
@@ -106,23 +106,22 @@ class _Layout:
 
     def read_row(self, grads: list[torch.Tensor | None], loss: torch.Tensor | None) -> Row | None:
         """The norms (and loss) read by the plan into its next preallocated row; None when the plan does
-        not cover these grads (a param without one, a subclass, or a loss on another device)."""
+        not cover these grads (a param without one, sparse grads, or a loss on another device)."""
         plan = self.plan
-        # set(map(type, ...)): no None, no DTensor or other subclass, checked in C; sparse grads and grads on
-        # another device pass it and make read_norms raise.
-        if plan is None or set(map(type, grads)) != _ONLY_TENSOR or (
-                loss is not None and loss.get_device() != plan.device_index):  # get_device: no torch.device made
+        if plan is None or (loss is not None and loss.get_device() != plan.device_index):  # no torch.device made
             return None
         found = self.blocks.get(loss is not None)
         if found is None:
-            cols = plan.cols(loss is not None)
-            found = self.blocks[loss is not None] = (cols, RowBlocks(cols.size, plan.device))
-        out, block, pos = found[1].claim()
-        try:
-            return Row(self.slot, read_norms(plan, grads, loss, out), found[0], block, pos)  # type: ignore[arg-type]
-        except Exception:  # sparse grads, grads on another device: the general path, from now on
-            self.plan = None
-            return None
+            found = self.blocks[loss is not None] = (plan.cols(loss is not None),
+                                                     RowBlocks(plan.part_sizes(loss is not None), plan.device))
+        out, parts, block, pos = found[1].claim()
+        try:  # no per-step type check: a None grad makes the stack raise (subclass grads get no plan)
+            write_norms(plan, grads, loss, parts)  # type: ignore[arg-type]
+        except Exception:
+            if all(g is not None for g in grads):
+                self.plan = None  # sparse grads, grads on another device: the general path, from now on
+            return None  # a param without a grad: the general path, this step
+        return Row(self.slot, out, found[0], block, pos)
 
     def present_cols(self, present: tuple[int, ...], with_loss: bool) -> np.ndarray:
         """Columns of the general path's values: the params that had a grad, in order, then the loss."""
@@ -627,7 +626,8 @@ class Recorder:
             self._meta_dirty = True
         slot.params = [weakref.ref(p) for p in params]
         devices = {p.device for p in params}
-        plan = plan_norms([p.shape for p in params], devices.pop(), {p.dtype for p in params}) if len(devices) == 1 else None
+        plannable = len(devices) == 1 and all(type(p) in _PLAIN for p in params)  # DTensor grads: the general path
+        plan = plan_norms([p.shape for p in params], devices.pop(), {p.dtype for p in params}) if plannable else None
         return _Layout(signature, params, slot, {id(p): i for i, p in enumerate(params)}, plan)
 
     def _usual_row(self, optimizer: Any) -> Row | None:

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradscope.measure import STACK_MAX_NUMEL, STACK_MIN_TENSORS, plan_norms, read_norms, tensor_norms
+from gradscope.buffer import RowBlocks
+from gradscope.measure import (
+    FEW_SINGLES,
+    STACK_MAX_NUMEL,
+    STACK_MIN_TENSORS,
+    plan_norms,
+    read_norms,
+    tensor_norms,
+    write_norms,
+)
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]  # CI has no GPU; the device machine does
 
@@ -23,6 +32,11 @@ def _placed(plan, values: torch.Tensor, with_loss: bool) -> torch.Tensor:
 
 
 MANY = [(16, 16), (16,), (16,), (16,)] * 12 + [(4096,)] * 9 + [(4097,)] * 9 + [(), (), (64, 64), (3, 5)]
+# The three ways a plan reads its one-of-a-kind tensors: one _foreach_norm beside the groups (MANY has 13),
+# one vector_norm each (a few beside the groups, as in bench/run.py's "many"), or the list as it is.
+FEW = [(16, 16), (16,), (16,)] * 10 + [(10, 16), (10,), ()]
+ONLY_SINGLES = [(64, 32), (64,), (10, 64), (10,), ()]
+LAYOUTS = {"many": MANY, "few": FEW, "only-singles": ONLY_SINGLES}
 
 
 def test_cpu_plan_groups_many_small_same_shape_tensors_only() -> None:
@@ -40,14 +54,23 @@ def test_cpu_plan_groups_many_small_same_shape_tensors_only() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("with_loss", [False, True])
 @pytest.mark.parametrize("preallocated", [False, True])
-def test_read_norms_equals_torch_vector_norm(device: str, dtype: torch.dtype, with_loss: bool, preallocated: bool) -> None:
-    grads = _grads(MANY, dtype, device)
-    plan = plan_norms(MANY, grads[0].device, {dtype})
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_read_norms_equals_torch_vector_norm(device: str, dtype: torch.dtype, with_loss: bool, preallocated: bool,
+                                             layout: str) -> None:
+    shapes = LAYOUTS[layout]
+    grads = _grads(shapes, dtype, device)
+    plan = plan_norms(shapes, grads[0].device, {dtype})
+    singles = len(plan.singles)
+    assert {"many": singles > FEW_SINGLES and plan.groups, "few": 0 < singles <= FEW_SINGLES and plan.groups,
+            "only-singles": plan.all_single}[layout]
     loss = torch.tensor(2.5, device=device) if with_loss else None
-    out = torch.empty(plan.n + with_loss, device=device) if preallocated else None
-    values = read_norms(plan, grads, loss, out)
-    if preallocated:
-        assert values.data_ptr() == out.data_ptr()
+    if preallocated:  # as the recorder does: a row of a RowBlocks block, written part by part
+        values, parts, block, pos = RowBlocks(plan.part_sizes(with_loss), grads[0].device, rows_per_block=4).claim()
+        block.fill_(float("nan"))
+        write_norms(plan, grads, loss, parts)
+        assert values.data_ptr() == block[pos].data_ptr() and not values.isnan().any()
+    else:
+        values = read_norms(plan, grads, loss)
     placed = _placed(plan, values, with_loss)
     expected = torch.stack([torch.linalg.vector_norm(g.double().cpu()) for g in grads])
     torch.testing.assert_close(placed[: plan.n], expected, rtol=1e-5, atol=0)

@@ -427,6 +427,34 @@ def test_hooks_run_eagerly_inside_a_compiled_function() -> None:
     assert compiling_inside(lambda fn: fn) == [True, True]  # the control: unwrapped, dynamo traces it
 
 
+
+def test_a_step_with_a_missing_grad_leaves_the_read_plan_in_place(tmp_path: Any) -> None:
+    """A step where some params got no grad is read by the general path (the plan's stack raises on the
+    None), and the next full step by the plan again: one such step must not cost every later step."""
+    import torch
+
+    from gradscope.recorder import Recorder
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(10)])  # two groups of 10: read by stacking
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rec = Recorder(runs_dir=tmp_path, label="plan").start()
+    planned, expected = [], []
+    try:
+        for i in range(4):
+            opt.zero_grad()
+            x = torch.randn(3, 4)
+            (model[1:](x) if i == 2 else model(x)).pow(2).mean().backward()  # step 2: no grad for model[0]
+            expected.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
+            opt.step()
+            planned.append(rec._buffer._rows[-1].block is not None)  # a planned row lives in a RowBlocks block
+    finally:
+        rec.stop()
+    assert planned == [True, True, False, True]
+    steps = pd.read_parquet(tmp_path / "latest" / "steps.parquet")
+    assert steps["grad_norm"].tolist() == pytest.approx([float(n) for n in expected], rel=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------
 # Hand-written update loops (no torch.optim): the classic word-language-model RNN
 # --------------------------------------------------------------------------------------------------
