@@ -7,7 +7,7 @@
 
 Sections (``--only`` picks some):
 
-overhead   four reference workloads (bench/workloads.py) x five variants, interleaved rounds in one
+overhead   four reference workloads (bench/workloads.py) x six variants, interleaved rounds in one
            process: ratio to the plain step and added microseconds per step (bench/overhead.py)
 memory     100,000 tiny recorded steps in a child process: RSS flat in the number of steps (bench/memory.py)
 e2e        ``gradscope profile`` vs ``python`` on the sample_runs scripts: wall time, peak RSS (bench/e2e.py)
