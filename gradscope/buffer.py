@@ -30,6 +30,9 @@ MORE_DEFAULTS: dict[str, float] = {
 }
 
 
+PART_CHUNK = 64  # rows whose part views RowBlocks makes at once
+
+
 class RowBlocks:
     """Preallocated float32 device rows of one width: each step writes its values into the next row.
 
@@ -47,20 +50,27 @@ class RowBlocks:
         self.rows_per_block = rows_per_block
         self._block: torch.Tensor | None = None
         self._rows: tuple[torch.Tensor, ...] = ()
-        self._parts: list[tuple[torch.Tensor, ...]] = []
+        self._parts: list[tuple[torch.Tensor, ...]] = []  # the part views of the current chunk of rows
         self._next = 0
 
     def claim(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, int]:
         """The next free row: (the row's view, the views of its parts, its block, its index in the block)."""
         if self._next == len(self._rows):
-            block = self._block = torch.empty((self.rows_per_block, self.width), dtype=torch.float32, device=self.device)
-            # All the views of a block made at once, in C++ (unbind): a step then slices nothing.
-            self._rows = block.unbind(0)
-            self._parts = list(zip(*(part.unbind(0) for part in block.split(self.sizes, dim=1)), strict=True))
+            self._block = torch.empty((self.rows_per_block, self.width), dtype=torch.float32, device=self.device)
+            self._rows = self._block.unbind(0)  # one C++ call for all the row views of the block
             self._next = 0
         i = self._next
         self._next += 1
-        return self._rows[i], self._parts[i], self._block, i  # type: ignore[return-value]
+        row = self._rows[i]
+        if len(self.sizes) == 1:  # one part (no stacked groups): the row itself
+            return row, (row,), self._block, i  # type: ignore[return-value]
+        if i % PART_CHUNK == 0:
+            # The part views of the next PART_CHUNK rows in two C++ calls per part (split, unbind): half the
+            # cost of a split per step (8.7 vs 17 µs a step with three parts). A chunk, not a block: with
+            # 30 groups a block's views would hold 20 MB.
+            chunk = self._block[i:i + PART_CHUNK]  # type: ignore[index]
+            self._parts = list(zip(*(part.unbind(0) for part in chunk.split(self.sizes, dim=1)), strict=True))
+        return row, self._parts[i % PART_CHUNK], self._block, i  # type: ignore[return-value]
 
 
 @dataclass(slots=True)

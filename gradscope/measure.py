@@ -137,6 +137,7 @@ def _local(grad: torch.Tensor) -> torch.Tensor:
     return local if isinstance(local, torch.Tensor) else grad
 
 
+@torch.no_grad()  # grads of backward(create_graph=True) require grad: keep no graph to the flush
 def tensor_norms(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The L2 norm of each gradient as a 0-dim tensor on the gradient's device (float64 for float64
     gradients, float32 for the others).

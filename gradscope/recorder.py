@@ -21,7 +21,9 @@ loop: every hook body is guarded and warns once. The only exception raised on pu
 from __future__ import annotations
 
 import atexit
+import functools
 import math
+import operator
 import os
 import platform
 import socket
@@ -53,7 +55,7 @@ from gradscope.measure import (
 from gradscope.naming import resolve_names
 from gradscope.patches import Patcher
 
-_PLAIN = (torch.Tensor, nn.Parameter)  # param types whose grads are plain tensors (not DTensor)
+_IS_NONE = functools.partial(operator.is_, None)
 
 
 @dataclass
@@ -103,6 +105,7 @@ class _Layout:
     sole: list[torch.Tensor] | None = None  # a single-group optimizer's param list itself (Recorder._usual_row)
     cols: dict[Any, np.ndarray] = field(default_factory=dict)  # column maps, made once (see Row.cols)
     blocks: dict[bool, tuple[np.ndarray, RowBlocks]] = field(default_factory=dict)  # with_loss -> planned rows
+    saw_none: bool = False  # a step of this layout had a param without a grad (read_row checks from then on)
 
     def read_row(self, grads: list[torch.Tensor | None], loss: torch.Tensor | None) -> Row | None:
         """The norms (and loss) read by the plan into its next preallocated row; None when the plan does
@@ -110,17 +113,24 @@ class _Layout:
         plan = self.plan
         if plan is None or (loss is not None and loss.get_device() != plan.device_index):  # no torch.device made
             return None
+        # No type check per step: a None grad makes the stack raise. Once one was seen (a frozen or unused
+        # param the optimizer holds, often None every step), check first rather than read in vain.
+        if self.saw_none and any(map(_IS_NONE, grads)):  # C-level, stops at the first None
+            return None
         found = self.blocks.get(loss is not None)
         if found is None:
             found = self.blocks[loss is not None] = (plan.cols(loss is not None),
                                                      RowBlocks(plan.part_sizes(loss is not None), plan.device))
         out, parts, block, pos = found[1].claim()
-        try:  # no per-step type check: a None grad makes the stack raise (subclass grads get no plan)
+        try:
             write_norms(plan, grads, loss, parts)  # type: ignore[arg-type]
         except Exception:
-            if all(g is not None for g in grads):
-                self.plan = None  # sparse grads, grads on another device: the general path, from now on
-            return None  # a param without a grad: the general path, this step
+            if any(map(_IS_NONE, grads)):
+                self.saw_none = True  # a param without a grad: the general path, this step
+            else:  # sparse grads, grads on another device: the general path, from now on
+                self.plan = None
+                self.blocks.clear()
+            return None
         return Row(self.slot, out, found[0], block, pos)
 
     def present_cols(self, present: tuple[int, ...], with_loss: bool) -> np.ndarray:
@@ -626,7 +636,9 @@ class Recorder:
             self._meta_dirty = True
         slot.params = [weakref.ref(p) for p in params]
         devices = {p.device for p in params}
-        plannable = len(devices) == 1 and all(type(p) in _PLAIN for p in params)  # DTensor grads: the general path
+        # A tensor subclass that is not a Parameter (a DTensor param: FSDP2, tensor parallel) has subclass grads,
+        # which the general path reads shard by shard; Parameter subclasses (FSDP1's FlatParameter) have plain ones.
+        plannable = len(devices) == 1 and all(type(p) is torch.Tensor or issubclass(type(p), nn.Parameter) for p in params)
         plan = plan_norms([p.shape for p in params], devices.pop(), {p.dtype for p in params}) if plannable else None
         return _Layout(signature, params, slot, {id(p): i for i, p in enumerate(params)}, plan)
 

@@ -147,7 +147,7 @@ def test_closure_steps_measure_after_the_first_evaluation(profiled: Any, case: s
 # --------------------------------------------------------------------------------------------------
 
 GRAD_CASES = ["accum-div", "accum-nodiv", "frozen", "bf16", "sparse-sgd", "sparse-adam", "stacked", "stacked-bf16",
-              "stacked-f64", "backward-forms"]
+              "stacked-f64", "backward-forms", "create-graph"]
 
 
 grads_run = pytest.mark.profiled("rec_grads.py", *GRAD_CASES)
@@ -172,6 +172,15 @@ def test_backward_of_several_losses_as_a_generator_or_a_list(profiled: Any) -> N
     steps = check_records(run, optimizer_of(run, "backward-forms."), refs)
     assert list(steps.n_backward) == [1] * len(refs) == [1] * 4
     assert (steps.grad_norm > 0).all()  # a generator read up by the recorder would leave torch nothing to do
+
+
+@grads_run
+def test_grads_that_require_grad_are_recorded(profiled: Any) -> None:
+    """backward(create_graph=True) leaves grads that require grad: the planned read refuses them (out=
+    under autograd), and the general path must read them without keeping a graph the flush would choke on."""
+    run, refs = profiled.run, profiled.ref("create-graph")
+    steps = check_records(run, optimizer_of(run, "create-graph."), refs)
+    assert len(steps) == 3 and run.meta["status"] == "complete"
 
 
 @grads_run
@@ -453,6 +462,36 @@ def test_a_step_with_a_missing_grad_leaves_the_read_plan_in_place(tmp_path: Any)
     assert planned == [True, True, False, True]
     steps = pd.read_parquet(tmp_path / "latest" / "steps.parquet")
     assert steps["grad_norm"].tolist() == pytest.approx([float(n) for n in expected], rel=1e-5)
+
+
+
+def test_a_param_never_given_a_grad_costs_one_failed_planned_read_only(tmp_path: Any) -> None:
+    """A frozen or unused param the optimizer holds has no grad on any step: after the first step shows it,
+    read_row checks for a None before reading, rather than stacking every group in vain every step."""
+    import torch
+
+    from gradscope.recorder import Recorder
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(10)])
+    unused = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD([*model.parameters(), *unused.parameters()], lr=0.01)
+    rec = Recorder(runs_dir=tmp_path, label="unused").start()
+    expected = []
+    try:
+        for _ in range(20):
+            opt.zero_grad()
+            model(torch.randn(3, 4)).pow(2).mean().backward()
+            expected.append(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])))
+            opt.step()
+        layout = rec._layouts[opt]
+        claimed = sum(rows._next for _, rows in layout.blocks.values())
+    finally:
+        rec.stop()
+    assert layout.plan is not None and layout.saw_none
+    assert claimed == 1  # the first step's attempt only
+    steps = pd.read_parquet(tmp_path / "latest" / "steps.parquet")
+    assert steps["grad_norm"].tolist() == pytest.approx(expected, rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ sparse-sgd: nn.Embedding(sparse=True) + a dense head in one SGD (sparse and dens
 sparse-adam: the sparse embedding in SparseAdam, the dense head in Adam: one backward, two steps.
 stacked / stacked-bf16 / stacked-f64: 32 small tensors of two shapes (read by stacking, on CPU), a large one, two 0-dim
     params, and a block used only on odd steps (its grads are None on even steps); float32, bf16, float64.
+create-graph: loss.backward(create_graph=True): every grad requires grad.
 backward-forms: torch.autograd.backward on two losses at once, a 0-dim one and a (1,)-shaped float64 one,
     passed as a generator on even steps and as a list on odd steps.
 """
@@ -161,6 +162,17 @@ def backward_forms(case):
         opt.step()
 
 
+def create_graph(case):
+    model = named(case, mlp())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for i in range(3):
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(model(torch.randn(6, 8)), torch.randn(6, 4))
+        loss.backward(create_graph=True)  # grads that require grad (higher-order methods)
+        ref(case, i, model.named_parameters(), loss.item())
+        opt.step()
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     for case in sys.argv[1:]:
@@ -170,4 +182,4 @@ if __name__ == "__main__":
             sparse(case)
         else:
             {"frozen": frozen, "bf16": bf16, "stacked": stacked, "stacked-bf16": stacked,
-             "stacked-f64": stacked, "backward-forms": backward_forms}[case](case)
+             "stacked-f64": stacked, "backward-forms": backward_forms, "create-graph": create_graph}[case](case)
