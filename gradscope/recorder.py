@@ -656,7 +656,9 @@ class Recorder:
             return None
         layout = self._layouts.get(optimizer)  # per optimizer: a GAN's two alternate and both stay here
         params = groups[0]["params"]
-        if layout is None or params is not layout.sole or len(params) != len(layout.params):
+        # saw_none: a param without a grad (often a frozen one, every step) sends the step to _measure, which
+        # reads the grads once; trying here first would read them and look for the None twice a step.
+        if layout is None or params is not layout.sole or len(params) != len(layout.params) or layout.saw_none:
             return None
         # layout.params, as _measure reads: the same tensors unless an entry of the list was swapped in place
         row = layout.read_row([p.grad for p in layout.params], self._loss_sum if self._loss_ok else None)
