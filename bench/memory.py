@@ -61,7 +61,7 @@ def run(steps: int, plain: bool, threads: int) -> dict[str, object]:
     tmp = tempfile.TemporaryDirectory(prefix="gradscope-mem-")
     rec = None
     if not plain:
-        from gradscope.recorder import Recorder, RecorderConfig
+        from gradscope.record.recorder import Recorder, RecorderConfig
 
         rec = Recorder(runs_dir=tmp.name, label="memory", config=RecorderConfig())
         rec.start()

@@ -80,8 +80,8 @@ def _plan_read(w: Workload) -> Callable[[], object]:
     """gradscope's norm read alone: its plan's stacks and norms written into a preallocated row, as the
     recorder's usual step does, without its hooks, loss capture, bookkeeping or writes. What any
     recorder that reads every gradient this way pays at least (the bound under the .item() target)."""
-    from gradscope.buffer import RowBlocks
-    from gradscope.measure import plan_norms, write_norms
+    from gradscope.record.measure import plan_norms, write_norms
+    from gradscope.record.rows import RowBlocks
 
     params = [p for g in w.optimizer.param_groups for p in g["params"]]
     plan = plan_norms([p.shape for p in params], params[0].device, {p.dtype for p in params})
@@ -273,7 +273,7 @@ class Result:
 
 def part_rows(step_seconds: float) -> int:
     """K: rows per part file under the default policy (every ``flush_every`` steps, ``flush_seconds`` apart)."""
-    from gradscope.recorder import RecorderConfig
+    from gradscope.record.recorder import RecorderConfig
 
     cfg = RecorderConfig()
     k = max(cfg.flush_every, math.ceil(cfg.flush_seconds / max(step_seconds, 1e-9)))
@@ -294,7 +294,7 @@ class _RecorderBlock:
 
     def before(self, w: Workload) -> None:
         """Untimed: start the recorder, then the first recorded step (naming) and one more."""
-        from gradscope.recorder import Recorder, RecorderConfig
+        from gradscope.record.recorder import Recorder, RecorderConfig
 
         if self.inside is not None:
             self.inside.before_start()

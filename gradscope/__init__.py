@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from gradscope.recorder import Recorder
+    from gradscope.record.recorder import Recorder
     from gradscope.store import Run, load_run
 
 __all__ = ["Recorder", "Run", "__version__", "load_run"]
@@ -26,7 +26,7 @@ __all__ = ["Recorder", "Run", "__version__", "load_run"]
 def __getattr__(name: str) -> Any:
     # Lazy: `import gradscope` (and so the CLI and the reporters) must not pay for torch.
     if name == "Recorder":
-        from gradscope.recorder import Recorder
+        from gradscope.record.recorder import Recorder
 
         return Recorder
     if name in ("load_run", "Run"):

@@ -16,6 +16,7 @@ import typer
 
 from gradscope import __version__
 from gradscope.errors import EXIT_ERROR, EXIT_OK, GradscopeError
+from gradscope.record.config import DEFAULT_FLUSH_EVERY
 
 app = typer.Typer(
     name="gradscope",
@@ -85,7 +86,7 @@ def profile(
             help="Write a part file after this many steps (and at least 2 seconds after the last one). "
             "A killed run keeps everything up to its last part.",
         ),
-    ] = 100,
+    ] = DEFAULT_FLUSH_EVERY,
     max_norm: Annotated[
         float | None,
         typer.Option(
@@ -135,22 +136,14 @@ def profile(
     Records the global gradient norm before clipping, per-layer norms, loss, learning rate, clipping,
     GradScaler scale and skipped steps to a run directory (parquet). The script is not modified.
     """
-    from gradscope.profile_command import ProfileOptions, run_profile
+    from gradscope.record.config import ProfileOptions, RecorderConfig
+    from gradscope.record.profile import run_profile
 
-    options = ProfileOptions(
-        target=script,
-        args=list(script_args or []),
-        as_module=module,
-        runs_dir=runs_dir,
-        flush_every=flush_every,
-        inject_max_norm=max_norm,
-        disable_script_clip=no_clip or max_norm is not None,
-        seed=seed,
-        max_steps=max_steps,
-        max_time=max_time,
-        label=label,
-        quiet=quiet,
-    )
+    recording = RecorderConfig(flush_every=flush_every, inject_max_norm=max_norm,
+                               disable_script_clip=no_clip or max_norm is not None, seed=seed,
+                               max_steps=max_steps, max_time=max_time)
+    options = ProfileOptions(target=script, args=list(script_args or []), as_module=module, runs_dir=runs_dir,
+                             label=label, quiet=quiet, recording=recording)
     raise typer.Exit(run_profile(options))
 
 
@@ -199,8 +192,9 @@ def recommend(
     warm-up, and per-layer norms. Exit codes: 0 ok, 1 no such run or not readable, 2 bad option, 3 no
     usable steps.
     """
-    from gradscope import plots, report, store
+    from gradscope import plots, store
     from gradscope import recommend as analysis
+    from gradscope.recommend import report
 
     if plot is not None:
         plots.check_path(plot)  # a bad file name fails before the analysis, not after
@@ -265,7 +259,7 @@ def compare(
     gone or every arm failed, 2 bad option, 3 no steps to recommend from, 130 Ctrl-C.
     """
     from gradscope import compare as compare_module
-    from gradscope import compare_view
+    from gradscope.compare import view as compare_view
 
     options = compare_module.CompareOptions(run=run, runs_dir=runs_dir, max_norm=max_norm, seeds=seeds,
                                             steps=steps, max_time=max_time, out_dir=out)

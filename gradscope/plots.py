@@ -153,7 +153,7 @@ def _draw_histogram(ax: Axes, norms: np.ndarray, rec: Recommendation) -> None:
 
 
 if TYPE_CHECKING:
-    from gradscope.compare_analysis import ArmResult, Comparison, SeedResult
+    from gradscope.compare.metrics import ArmResult, Comparison, SeedResult
 
 
 def _arm_color(index: int) -> str:
@@ -167,7 +167,7 @@ def plot_compare_loss(comparison: Comparison, path: str | Path | None = None) ->
     axis is logarithmic when every finite loss is positive, so spikes do not flatten the rest.
     Non-finite losses are gaps, with an ``x`` where a seed first diverged. Saved when ``path`` is given.
     """
-    from gradscope.compare_analysis import arm_title, smooth_window
+    from gradscope.compare.metrics import arm_title, smooth_window
 
     fig = new_figure(10.0, 5.5)
     ax = fig.add_subplot()
@@ -191,7 +191,7 @@ def plot_compare_loss(comparison: Comparison, path: str | Path | None = None) ->
 
 
 def _draw_loss(ax: Axes, seed: SeedResult, color: str, label: str | None) -> None:
-    from gradscope.compare_analysis import smoothed
+    from gradscope.compare.metrics import smoothed
 
     steps, loss = seed.frame["step"].to_numpy(), seed.frame["loss"].astype(float)
     finite = np.isfinite(loss)
@@ -226,7 +226,7 @@ def plot_compare_grad_norm(comparison: Comparison, path: str | Path | None = Non
     line; the baseline's axis draws every threshold (dotted), to show where each would cut the
     unclipped norms. Saved when ``path`` is given.
     """
-    from gradscope.compare_analysis import arm_title
+    from gradscope.compare.metrics import arm_title
 
     arms = comparison.arms
     fig = new_figure(10.0, 1.0 + 2.4 * max(1, len(arms)))

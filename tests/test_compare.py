@@ -26,7 +26,7 @@ from conftest import GRADSCOPE, SCRIPTS, assert_exit_ok, clean_env
 import gradscope
 from gradscope import compare, plots
 from gradscope.cli import main
-from gradscope.compare_analysis import (
+from gradscope.compare.metrics import (
     BASELINE,
     ArmResult,
     SeedResult,

@@ -1,12 +1,11 @@
-"""The norm read plans of gradscope.measure against torch's own norms, on real tensors in-process."""
+"""The norm read plans of gradscope.record.measure against torch's own norms, on real tensors in-process."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gradscope.buffer import RowBlocks
-from gradscope.measure import (
+from gradscope.record.measure import (
     FEW_SINGLES,
     STACK_MAX_NUMEL,
     STACK_MIN_TENSORS,
@@ -15,6 +14,7 @@ from gradscope.measure import (
     tensor_norms,
     write_norms,
 )
+from gradscope.record.rows import RowBlocks
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]  # CI has no GPU; the device machine does
 

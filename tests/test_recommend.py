@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 from conftest import GRADSCOPE, clean_env
 
-from gradscope import plots, recommend, report, store
+from gradscope import plots, recommend, store
 from gradscope.errors import NoDataError, UsageError
+from gradscope.recommend import report
 
 REPO = Path(__file__).resolve().parents[1]
 DEAD_PID = 2**22 + 12345  # beyond pid_max on Linux: never alive
@@ -332,7 +333,7 @@ def test_layer_stats_do_not_depend_on_layout_or_batch_size(tmp_path: Path, monke
     """Batches that cut step blocks in two (7 rows, 3 layers), and rows in any order, give the same stats."""
     norms = lognormal(120, 3, seed=11)
     norms[60] *= 50  # a spike, whose layers must be found whatever the layout
-    monkeypatch.setattr(recommend, "LAYER_BATCH_ROWS", batch_rows)
+    monkeypatch.setattr("gradscope.recommend.analysis.LAYER_BATCH_ROWS", batch_rows)
     rec = analyse_dir(write_run(tmp_path, [optimizer_data(norms, names(3))], parts=4, shuffle_layers=shuffle))[0]
     for j, name in enumerate(names(3)):
         stats = next(s for s in rec.layers if s.layer == name)
@@ -608,7 +609,7 @@ def test_recommend_never_imports_torch(mixed_run: dict[str, Any], tmp_path: Path
     code = (
         "import sys, io, contextlib\n"
         "from gradscope.cli import main\n"
-        "from gradscope import recommend, report, plots\n"
+        "from gradscope import recommend, plots\nfrom gradscope.recommend import report\n"
         "out = io.StringIO()\n"
         "with contextlib.redirect_stdout(out):\n"
         f"    rc = main(['recommend', {str(mixed_run['dir'])!r}, '--plot', {str(tmp_path / 'x.png')!r}])\n"

@@ -405,7 +405,7 @@ def test_hooks_run_eagerly_inside_a_compiled_function() -> None:
 
     import torch
 
-    from gradscope.recorder import _eager
+    from gradscope.record.recorder import _eager
 
     def compiling_inside(wrap: Any) -> list[bool]:
         seen: list[bool] = []
@@ -442,7 +442,7 @@ def test_a_step_with_a_missing_grad_leaves_the_read_plan_in_place(tmp_path: Any)
     None), and the next full step by the plan again: one such step must not cost every later step."""
     import torch
 
-    from gradscope.recorder import Recorder
+    from gradscope.record.recorder import Recorder
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(10)])  # two groups of 10: read by stacking
@@ -470,7 +470,7 @@ def test_a_param_never_given_a_grad_costs_one_failed_planned_read_only(tmp_path:
     read_row checks for a None before reading, rather than stacking every group in vain every step."""
     import torch
 
-    from gradscope.recorder import Recorder
+    from gradscope.record.recorder import Recorder
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(10)])

@@ -18,31 +18,14 @@ import os
 import shlex
 import signal
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from gradscope import runner, store
+from gradscope import store
 from gradscope.errors import EXIT_OK
-
-
-@dataclass
-class ProfileOptions:
-    """Everything ``gradscope profile`` was asked to do (one field per CLI option)."""
-
-    target: str
-    args: list[str]
-    as_module: bool = False
-    runs_dir: str | os.PathLike[str] | None = None
-    flush_every: int = 100
-    inject_max_norm: float | None = None
-    disable_script_clip: bool = False
-    seed: int | None = None
-    max_steps: int | None = None
-    max_time: float | None = None
-    label: str | None = None
-    quiet: bool = False
+from gradscope.record import runner
+from gradscope.record.config import ProfileOptions
 
 
 class _Terminated(BaseException):
@@ -80,12 +63,9 @@ def run_profile(options: ProfileOptions) -> int:
     label = options.label or Path(options.target).stem.replace(".", "_")
     run_dir = store.create_run_dir(root, label)
 
-    from gradscope.recorder import Recorder, RecorderConfig  # torch is imported here, after validation
+    from gradscope.record.recorder import Recorder  # torch is imported here, after validation
 
-    config = RecorderConfig(flush_every=options.flush_every, inject_max_norm=options.inject_max_norm,
-                            disable_script_clip=options.disable_script_clip, seed=options.seed,
-                            max_steps=options.max_steps, max_time=options.max_time)
-    recorder = Recorder(run_dir, label=label, config=config, meta=_provenance(options, target))
+    recorder = Recorder(run_dir, label=label, config=options.recording, meta=_provenance(options, target))
     recorder.start()
     store.point_latest(root, run_dir)
     os.environ["GRADSCOPE_PROFILING"] = "1"  # lets a script skip expensive evaluation while profiled

@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gradscope.compare import ArmOutcome, ArmSpec, CompareResult, Plan, describe
-from gradscope.compare_analysis import METRICS, ArmResult, SeedResult, arm_title
+from gradscope.compare.arms import ArmOutcome, ArmSpec, CompareResult, Plan, describe
+from gradscope.compare.metrics import METRICS, ArmResult, SeedResult, arm_title
 
 JSON_SCHEMA = 1  # bump when a key of compare.json changes meaning or goes away
 

@@ -41,9 +41,9 @@ import torch
 from torch import nn
 
 from gradscope import __version__, store
-from gradscope.buffer import Row, RowBlocks, StepBuffer
 from gradscope.errors import StopRun
-from gradscope.measure import (
+from gradscope.record.config import RecorderConfig
+from gradscope.record.measure import (
     NormPlan,
     clip_coefficient,
     global_norm,
@@ -52,23 +52,11 @@ from gradscope.measure import (
     tensor_norms,
     write_norms,
 )
-from gradscope.naming import resolve_names
-from gradscope.patches import Patcher
+from gradscope.record.naming import resolve_names
+from gradscope.record.patches import Patcher
+from gradscope.record.rows import Row, RowBlocks, StepBuffer
 
 _IS_NONE = functools.partial(operator.is_, None)
-
-
-@dataclass
-class RecorderConfig:
-    """What to record and how; every field has a CLI option of the same meaning."""
-
-    flush_every: int = 100  # steps per part file (also at least flush_seconds apart)
-    flush_seconds: float = 2.0
-    inject_max_norm: float | None = None  # compare arms: clip_grad_norm_ before every step
-    disable_script_clip: bool = False  # compare arms: the script's clip calls measure, never scale
-    seed: int | None = None  # replace the argument of every torch.manual_seed call
-    max_steps: int | None = None  # StopRun after this many steps of optimizer 0
-    max_time: float | None = None  # StopRun at the first step after this many seconds
 
 
 @dataclass

@@ -10,8 +10,8 @@ are comparable on a shared machine, each with its output in a log file. The uncl
 the recorded run itself when it can stand in for one (seeded, unclipped, unchanged script);
 otherwise a ``--no-clip`` baseline arm runs too.
 
-This module prints nothing and never imports torch: :mod:`gradscope.compare_view` draws the
-progress and the table, :mod:`gradscope.compare_analysis` computes the metrics.
+This module prints nothing and never imports torch: :mod:`gradscope.compare.view` draws the
+progress and the table, :mod:`gradscope.compare.metrics` computes the metrics.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from gradscope import store
-from gradscope.compare_analysis import BASELINE, Comparison, SeedRun, analyse, step_frame
+from gradscope.compare.metrics import BASELINE, Comparison, SeedRun, analyse, step_frame
 from gradscope.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, GradscopeError, NoDataError, UsageError
+from gradscope.record.config import ProfileOptions, RecorderConfig
 
 AUTO = "auto"
 POLL_SECONDS = 0.5  # how often the running arm's step count is read
@@ -265,12 +265,14 @@ def _arm_specs(plan: Plan, reuse_baseline: bool) -> list[ArmSpec]:
 
 def arm_argv(plan: Plan, spec: ArmSpec) -> list[str]:
     """The ``python -m gradscope profile ...`` command line of one arm."""
-    clip = ["--no-clip"] if spec.max_norm is None else ["--max-norm", repr(spec.max_norm)]
-    caps = [*(["--max-steps", str(plan.step_cap)] if plan.step_cap else []),
-            *(["--max-time", repr(plan.max_time)] if plan.max_time is not None else [])]
-    # -m, when recorded, is the first element of plan.target: profile needs it as its last option.
-    return [sys.executable, "-m", "gradscope", "profile", "-q", "--runs-dir", str(plan.root), "--label", spec.label,
-            "--flush-every", str(ARM_FLUSH_EVERY), "--seed", str(spec.seed), *clip, *caps, *plan.target]
+    meta = plan.run.meta
+    recording = RecorderConfig(flush_every=ARM_FLUSH_EVERY, inject_max_norm=spec.max_norm,
+                               disable_script_clip=True, seed=spec.seed, max_steps=plan.step_cap or None,
+                               max_time=plan.max_time)
+    options = ProfileOptions(target=meta["target"], args=list(meta.get("script_args", [])),
+                             as_module=bool(meta.get("as_module")), runs_dir=plan.root, label=spec.label,
+                             quiet=True, recording=recording)
+    return options.command()
 
 
 def _arm_env() -> dict[str, str]:

@@ -1,0 +1,65 @@
+"""The profile options, defined once: the CLI declares them, ``profile`` runs them, compare's arms rebuild them.
+
+Torch-free: ``gradscope.cli`` and ``gradscope.compare`` import this module without paying for torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+#: Steps per part file; a killed run keeps everything up to its last part.
+DEFAULT_FLUSH_EVERY = 100
+#: Parts are also at least this many seconds apart (fewer, larger files on fast loops).
+DEFAULT_FLUSH_SECONDS = 2.0
+
+
+@dataclass
+class RecorderConfig:
+    """What to record and how; every field but ``flush_seconds`` has a ``gradscope profile`` option."""
+
+    flush_every: int = DEFAULT_FLUSH_EVERY  # steps per part file (also at least flush_seconds apart)
+    flush_seconds: float = DEFAULT_FLUSH_SECONDS
+    inject_max_norm: float | None = None  # --max-norm: clip_grad_norm_ before every step (compare's arms)
+    disable_script_clip: bool = False  # --no-clip: the script's clip calls measure, never scale
+    seed: int | None = None  # --seed: replaces the argument of every torch.manual_seed call
+    max_steps: int | None = None  # --max-steps: stop cleanly after this many steps of optimizer 0
+    max_time: float | None = None  # --max-time: stop cleanly at the first step after this many seconds
+
+
+@dataclass
+class ProfileOptions:
+    """Everything ``gradscope profile`` was asked to do: the target, where the run goes, and how to record."""
+
+    target: str
+    args: list[str] = field(default_factory=list)
+    as_module: bool = False
+    runs_dir: str | os.PathLike[str] | None = None
+    label: str | None = None
+    quiet: bool = False
+    recording: RecorderConfig = field(default_factory=RecorderConfig)
+
+    def command(self) -> list[str]:
+        """The ``python -m gradscope profile ...`` command line that asks for exactly these options."""
+        rec = self.recording
+        flags: list[str] = ["-q"] if self.quiet else []
+        if self.runs_dir is not None:
+            flags += ["--runs-dir", str(self.runs_dir)]
+        if self.label is not None:
+            flags += ["--label", self.label]
+        if rec.flush_every != DEFAULT_FLUSH_EVERY:
+            flags += ["--flush-every", str(rec.flush_every)]
+        if rec.seed is not None:
+            flags += ["--seed", str(rec.seed)]
+        if rec.inject_max_norm is not None:
+            flags += ["--max-norm", repr(rec.inject_max_norm)]
+        elif rec.disable_script_clip:
+            flags += ["--no-clip"]
+        if rec.max_steps is not None:
+            flags += ["--max-steps", str(rec.max_steps)]
+        if rec.max_time is not None:
+            flags += ["--max-time", repr(rec.max_time)]
+        # -m must be profile's last option: everything after the target belongs to the script.
+        target = ["-m", self.target] if self.as_module else [self.target]
+        return [sys.executable, "-m", "gradscope", "profile", *flags, *target, *self.args]
