@@ -8,7 +8,7 @@ and reports its wall time and peak resident memory (``os.wait4``'s rusage of tha
     python bench/bench_recommend.py --steps 2000 --layers 5  # seconds: proves the harness works
     python bench/bench_recommend.py --keep /tmp/big        # build once into /tmp/big, reuse it next time
 
-Target: under 10 s and under 2 GB for 1,000,000 x 100 (issue 3). ``bench/run.py`` calls :func:`bench`.
+Target: under 10 s and under 2 GB for 1,000,000 x 100. ``bench/run.py`` calls :func:`bench`.
 The table also shows the process's CPU seconds and the 1-minute load average: on a shared machine the
 wall time grows with other people's load, the CPU time much less.
 """
@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +66,8 @@ def build_run(root: Path, n_steps: int, n_layers: int, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     run_dir = store.create_run_dir(root, "bench")
     names = layer_names(n_layers)
-    store.write_meta(run_dir, {"status": "running", "pid": os.getpid(), "host": "bench", "norm_type": 2.0,
-                               "optimizers": [{"index": 0, "class": "AdamW", "names": names}]})
+    store.write_meta(run_dir, store.RunMeta(status="running", pid=os.getpid(), host="bench", norm_type=2.0,
+                                            optimizers=(store.OptimizerMeta(0, "AdamW", tuple(names)),)))
     writer = store.RunWriter(run_dir)
     scales = rng.lognormal(-2.0, 1.0, n_layers)  # layers differ by orders of magnitude, as real ones do
     chunk = max(1, CHUNK_ROWS // n_layers)
@@ -77,7 +77,7 @@ def build_run(root: Path, n_steps: int, n_layers: int, seed: int = 0) -> Path:
         writer.write_part("steps", _steps_columns(rng, steps, per))
         writer.write_part("layers", _layers_columns(steps, per, names))
     writer.compact()
-    store.write_meta(run_dir, {**store.read_meta(run_dir), "status": "complete", "n_steps": n_steps})
+    store.write_meta(run_dir, replace(store.read_meta(run_dir), status="complete", n_steps=n_steps))
     store.point_latest(root, run_dir)
     return run_dir
 
@@ -146,7 +146,7 @@ def bench(n_steps: int = 1_000_000, n_layers: int = 100, keep: Path | None = Non
 def _reusable(root: Path, n_steps: int, n_layers: int) -> Path | None:
     for run_dir in store.list_runs(root):
         meta = store.read_meta(run_dir)
-        if meta.get("n_steps") == n_steps and len(meta["optimizers"][0]["names"]) == n_layers:
+        if meta.n_steps == n_steps and meta.optimizers and len(meta.optimizers[0].names) == n_layers:
             return run_dir
     return None
 

@@ -26,7 +26,8 @@ def available() -> bool:
 
 def sync_check(name: str, quick: bool, steps: int = 50) -> dict[str, Any]:
     """Run ``steps`` plain steps, then ``steps`` recorded steps, each under sync-debug "error"."""
-    from gradscope.record.recorder import Recorder, RecorderConfig
+    from gradscope.record.config import RecorderConfig
+    from gradscope.record.recorder import Recorder
 
     w = WORKLOADS[name](quick, device="cuda")
     steps = min(steps, RecorderConfig().flush_every - 5)

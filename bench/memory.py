@@ -61,7 +61,8 @@ def run(steps: int, plain: bool, threads: int) -> dict[str, object]:
     tmp = tempfile.TemporaryDirectory(prefix="gradscope-mem-")
     rec = None
     if not plain:
-        from gradscope.record.recorder import Recorder, RecorderConfig
+        from gradscope.record.config import RecorderConfig
+        from gradscope.record.recorder import Recorder
 
         rec = Recorder(runs_dir=tmp.name, label="memory", config=RecorderConfig())
         rec.start()
@@ -76,7 +77,7 @@ def run(steps: int, plain: bool, threads: int) -> dict[str, object]:
     for i in range(1, steps + 1):
         step()
         if rec is not None:
-            max_pending = max(max_pending, rec._buffer.pending)
+            max_pending = max(max_pending, rec.buffer.pending)
         if i % every == 0:
             samples.append((i, rss_mb()))
     seconds = time.perf_counter() - start

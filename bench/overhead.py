@@ -33,7 +33,7 @@ first recorded step names the parameters, once per run; it is reported as a fixe
 The writes count. A real run writes one part file per ``flush_every`` (100) steps and at least
 ``flush_seconds`` (2 s) apart, so one part holds ``K = max(100, 2 s / step)`` rows (at most 10,000).
 After each timed block the block's rows are repeated up to K rows and flushed through the
-recorder's own ``_flush`` (the one device-to-host copy, the columns, two parquet parts, meta.json
+recorder's own ``flush()`` (the one device-to-host copy, the columns, two parquet parts, meta.json
 when it changed); that time divided by K is added to the block's per-step time. ``stop()``
 (compaction, the final meta.json) happens once per run and is reported apart, as are start-up and
 the first step.
@@ -273,7 +273,7 @@ class Result:
 
 def part_rows(step_seconds: float) -> int:
     """K: rows per part file under the default policy (every ``flush_every`` steps, ``flush_seconds`` apart)."""
-    from gradscope.record.recorder import RecorderConfig
+    from gradscope.record.config import RecorderConfig
 
     cfg = RecorderConfig()
     k = max(cfg.flush_every, math.ceil(cfg.flush_seconds / max(step_seconds, 1e-9)))
@@ -294,7 +294,8 @@ class _RecorderBlock:
 
     def before(self, w: Workload) -> None:
         """Untimed: start the recorder, then the first recorded step (naming) and one more."""
-        from gradscope.record.recorder import Recorder, RecorderConfig
+        from gradscope.record.config import RecorderConfig
+        from gradscope.record.recorder import Recorder
 
         if self.inside is not None:
             self.inside.before_start()
@@ -315,13 +316,15 @@ class _RecorderBlock:
     def flush_per_step(self) -> float:
         """Seconds per row of writing one part of K rows through the recorder's own flush."""
         rec = self.recorder
-        rows = list(rec._buffer._rows)
+        buffer = rec.buffer  # the rows the block recorded, still on device
+        rows = buffer.take()
         if not rows:
             raise RuntimeError("the gradscope variant recorded no step: the benchmark would measure nothing")
         k = max(self.rows_per_part, len(rows))
-        rec._buffer._rows = [dataclasses.replace(rows[i % len(rows)], step=i) for i in range(k)]
+        for i in range(k):
+            buffer.add(dataclasses.replace(rows[i % len(rows)], step=i))
         t0 = self.clock()
-        rec._flush()
+        rec.flush()
         return (self.clock() - t0) / k
 
     def after(self) -> None:

@@ -14,7 +14,7 @@ e2e        ``gradscope profile`` vs ``python`` on the sample_runs scripts: wall 
 gpu        host synchronisations per step and the GPU overhead ratio, where CUDA exists (bench/gpu.py)
 recommend  ``gradscope recommend`` on a large synthetic run (bench/bench_recommend.py, its own table)
 
-Nothing here asserts a time: the targets of issue 5 are printed next to what was measured.
+Nothing here asserts a time: the targets are printed next to what was measured.
 """
 
 from __future__ import annotations
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                             "ok" if not bad else "MISSED"))
             targets += [(f"gpu/{t[0]}", *t[1:]) for t in overhead_targets(report["gpu"]["overhead"])]
     if targets:
-        print("\nTargets (issue 5; printed, never asserted)")
+        print("\nTargets (printed, never asserted)")
         for t in targets:
             print(f"  {t[0]:<8} {t[1]:<46} {t[2]:>44}   target {t[3]:<9} {t[4]}")
     if "recommend" in args.only:

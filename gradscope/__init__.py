@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place it is kept: pyproject.toml reads it from here
 
 if TYPE_CHECKING:
     from gradscope.record.recorder import Recorder

@@ -147,7 +147,7 @@ def profile(
     raise typer.Exit(run_profile(options))
 
 
-# --- recommend: see gradscope/recommend.py --------------------------------------------------------
+# --- recommend: see gradscope/recommend/ ----------------------------------------------------------
 
 
 @app.command()
@@ -174,7 +174,7 @@ def recommend(
     ] = None,
     json_output: Annotated[
         bool,
-        typer.Option("--json", help="Print one JSON document (schema gradscope.recommend/1) instead of the report."),
+        typer.Option("--json", help="Print one JSON document (format gradscope-recommend) instead of the report."),
     ] = False,
     plot: Annotated[
         Path | None,
@@ -193,23 +193,23 @@ def recommend(
     usable steps.
     """
     from gradscope import plots, store
-    from gradscope import recommend as analysis
-    from gradscope.recommend import report
+    from gradscope.recommend import recommend as recommend_max_norm
+    from gradscope.recommend import view
 
     if plot is not None:
         plots.check_path(plot)  # a bad file name fails before the analysis, not after
     loaded = store.load_run(run, runs_dir)
-    recommendations = analysis.analyse(loaded, percentile=percentile, skip_steps=skip_steps, optimizer=optimizer)
+    recommendations = recommend_max_norm(loaded, percentile=percentile, skip_steps=skip_steps, optimizer=optimizer)
     if plot is not None:
         written = plots.save_figure(plots.plot_recommend(loaded, recommendations), plot)
         print(f"gradscope: wrote {written}", file=sys.stderr)
     if json_output:
-        report.render_json(recommendations)
+        view.render_json(recommendations)
     else:
-        report.render_text(recommendations)
+        view.render_text(recommendations)
 
 
-# --- compare: see gradscope/compare.py ------------------------------------------------------------
+# --- compare: see gradscope/compare/ -------------------------------------------------------------
 
 
 @app.command()
@@ -258,16 +258,15 @@ def compare(
     Exit codes: 0 ok (also when an arm crashed or diverged: the table says so), 1 no such run, script
     gone or every arm failed, 2 bad option, 3 no steps to recommend from, 130 Ctrl-C.
     """
-    from gradscope import compare as compare_module
-    from gradscope.compare import view as compare_view
+    from gradscope.compare import CompareOptions, plan_compare, run_compare, view
 
-    options = compare_module.CompareOptions(run=run, runs_dir=runs_dir, max_norm=max_norm, seeds=seeds,
-                                            steps=steps, max_time=max_time, out_dir=out)
-    plan = compare_module.plan_compare(options)
-    compare_view.print_plan(plan)
-    with compare_view.ArmProgress(plan.step_cap) as progress:
-        result = compare_module.run_compare(plan, progress)
-    raise typer.Exit(compare_view.report(result, as_json=as_json))
+    options = CompareOptions(run=run, runs_dir=runs_dir, max_norm=max_norm, seeds=seeds, steps=steps,
+                             max_time=max_time, out_dir=out)
+    plan = plan_compare(options)
+    view.print_plan(plan)
+    with view.ArmProgress(plan.step_cap) as progress:
+        result = run_compare(plan, progress)
+    raise typer.Exit(view.report(result, as_json=as_json))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,14 +24,15 @@ import pytest
 from conftest import GRADSCOPE, SCRIPTS, assert_exit_ok, clean_env
 
 import gradscope
-from gradscope import compare, plots
+from gradscope import compare, plots, store
 from gradscope.cli import main
 from gradscope.compare.metrics import (
     BASELINE,
     ArmResult,
     SeedResult,
     SeedRun,
-    analyse,
+    arm_title,
+    compare_arms,
     final_loss,
     norm_spike_mask,
     spike_mask,
@@ -127,7 +128,7 @@ def test_arm_threshold_replaces_the_scripts_own(trained: Any, mode: str) -> None
     in_script, _ = trained(mode, script_clip=CLIP)
     replaced, run = trained(mode, script_clip="3", profile=("--max-norm", CLIP))  # the script clips at 3
     assert _max_diff(in_script, replaced) == 0.0
-    assert run.meta["clipping"]["script_max_norm"] == 3.0 and run.meta["clipping"]["script_clip_disabled"]
+    assert run.meta.clipping.script_max_norm == 3.0 and run.meta.clipping.script_clip_disabled
 
 
 def test_baseline_arm_disables_the_scripts_clipping(trained: Any) -> None:
@@ -197,6 +198,7 @@ def test_crashed_and_diverged_arms_are_reported_and_the_rest_finish(toy_compare:
     runs, original, proc = toy_compare
     assert proc.returncode == 0, proc.stderr  # an arm that crashes or diverges is news, not a failure
     doc = _json(proc)
+    assert doc["format"] == "gradscope-compare" and type(doc["schema_version"]) is int
     assert doc["baseline_reused"] and doc["thresholds"] == [1.0] and doc["seeds"] == [0, 1]
     base0, base1 = _seed(doc, BASELINE, 0), _seed(doc, BASELINE, 1)
     clip0, clip1 = _seed(doc, "max_norm=1", 0), _seed(doc, "max_norm=1", 1)
@@ -216,11 +218,12 @@ def test_arms_rerun_the_recorded_command_with_their_seed_and_threshold(toy_compa
     runs, original, proc = toy_compare
     doc = _json(proc)
     arm = gradscope.load_run(runs / _seed(doc, "max_norm=1", 1)["run_id"])
-    assert arm.meta["argv"] == original.meta["argv"] and arm.meta["cwd"] == original.meta["cwd"]
-    assert arm.meta["seed"] == 1 and arm.meta["clipping"]["injected_max_norm"] == 1.0
-    assert arm.status == "failed" and "simulated crash" in arm.meta["error"]
+    assert arm.meta.provenance.argv == original.meta.provenance.argv
+    assert arm.meta.provenance.cwd == original.meta.provenance.cwd
+    assert arm.meta.seed == 1 and arm.meta.clipping.injected_max_norm == 1.0
+    assert arm.status == "failed" and "simulated crash" in arm.meta.error
     base = gradscope.load_run(runs / _seed(doc, BASELINE, 1)["run_id"])
-    assert base.meta["clipping"]["injected_max_norm"] is None and base.meta["clipping"]["script_clip_disabled"]
+    assert base.meta.clipping.injected_max_norm is None and base.meta.clipping.script_clip_disabled
 
 
 def test_plots_have_one_axis_per_arm_and_a_line_per_seed_and_threshold(toy_compare: Any, tmp_path: Path) -> None:
@@ -233,11 +236,12 @@ def test_plots_have_one_axis_per_arm_and_a_line_per_seed_and_threshold(toy_compa
         for seed in arm["seeds"]:
             run = gradscope.load_run(runs / seed["run_id"])
             seed_runs.append(SeedRun(arm["arm"], arm["max_norm"], seed["seed"], run, run.status))
-    comparison = analyse(seed_runs)
+    comparison = compare_arms(seed_runs)
     drawn = sum(1 for s in seed_runs if len(s.run.steps))
     loss_fig = plots.plot_compare_loss(comparison, tmp_path / "loss.png")
     assert len(loss_fig.axes) == 1 and len(loss_fig.axes[0].get_lines()) == 2 * drawn  # raw + smoothed per seed
     assert [t.get_text() for t in loss_fig.axes[0].get_legend().get_texts()] == ["no clipping", "max_norm=1"]
+    assert [arm_title(a) for a in comparison.arms] == ["no clipping", "max_norm=1"] == [a["title"] for a in doc["arms"]]
     norm_fig = plots.plot_compare_grad_norm(comparison, tmp_path / "grad_norm.png")
     assert len(norm_fig.axes) == 2
     for ax in norm_fig.axes:
@@ -260,7 +264,7 @@ def test_changed_script_warns_with_its_hash_and_gets_a_baseline_arm(tmp_path: Pa
     script = tmp_path / TOY
     shutil.copy(SCRIPTS / TOY, script)
     original = _profile(tmp_path / "runs", TOY, "--steps", "8", cwd=tmp_path)
-    recorded = original.meta["script_sha256"]
+    recorded = original.meta.provenance.script_sha256
     script.write_text(script.read_text() + "# edited after the run\n")
     proc = _compare(tmp_path / "runs", "--max-norm", "1", "--steps", "5", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -300,7 +304,7 @@ def test_plan_without_a_seed_or_with_script_clipping(tmp_path: Path) -> None:
     plan = compare.plan_compare(compare.CompareOptions(run=str(unseeded.path), seeds=3, max_norm="auto,2"))
     assert plan.seeds == [0, 1, 2] and not any(spec.reuse for spec in plan.arms)
     assert any(note.startswith("script not seeded: gradscope seeded torch") for note in plan.notes)
-    assert plan.auto_max_norm == recommend.analyse(unseeded)[0].max_norm
+    assert plan.auto_max_norm == recommend.recommend(unseeded)[0].max_norm
     assert plan.thresholds == sorted([plan.auto_max_norm, 2.0]) and plan.step_cap == 30
     argv = compare.arm_argv(plan, plan.arms[-1])
     assert argv[argv.index("--seed") + 1] == "2" and argv[argv.index("--max-steps") + 1] == "30"
@@ -334,7 +338,7 @@ def test_ctrl_c_stops_the_running_arm_and_keeps_what_finished(tmp_path: Path) ->
         # Arms: clip seed 0 (fast), baseline seed 1 (0.2 s a step), clip seed 1. Interrupt the slow one
         # once it has written a part file, i.e. once there is something of it to keep.
         _wait_for(lambda: "arm 1/3" in err_path.read_text(), 120, "the first arm to finish")
-        _wait_for(lambda: list(runs.glob("cmp_toy-compare-base-s1-*/parts/steps-*.arrow")), 120, "a part file")
+        _wait_for(lambda: any(store.count_steps(p) for p in runs.glob("cmp_toy-compare-base-s1-*")), 120, "a part file")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 130
     finally:
@@ -347,7 +351,41 @@ def test_ctrl_c_stops_the_running_arm_and_keeps_what_finished(tmp_path: Path) ->
     arm = gradscope.load_run(runs / stopped["run_id"])
     assert arm.status == "interrupted" and arm.compacted and 20 <= len(arm.steps) < 60  # saved by the arm itself
     with pytest.raises(ProcessLookupError):
-        os.kill(arm.meta["pid"], 0)  # no orphan left running
+        os.kill(arm.meta.pid, 0)  # no orphan left running
     table = (tmp_path / "stdout.txt").read_text()
     assert "s1 interrupted" in table and "verdict:" in table
     assert err_path.read_text().strip().splitlines()[-1].startswith("gradscope: interrupted")
+
+
+class _SeenProgress:
+    """An ArmObserver that keeps every step count it is told while the arm runs."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+        self.finished: Any = None
+
+    def arm_started(self, spec: Any, index: int, total: int, log_path: Path) -> None:
+        self.counts.clear()
+
+    def arm_progress(self, spec: Any, steps: int, elapsed: float) -> None:
+        self.counts.append(steps)
+
+    def arm_finished(self, spec: Any, outcome: Any) -> None:
+        self.finished = outcome
+
+
+def test_progress_moves_while_an_arm_runs(tmp_path: Path) -> None:
+    """The running arm's step count comes from the part files it writes, not only from its end."""
+    runs = tmp_path / "runs"
+    recorded = _profile(runs, TOY, "--steps", "30", "--slow-seed", "1")  # seed 0 fast; seed 1 0.2 s a step
+    plan = compare.plan_compare(compare.CompareOptions(run=str(recorded.path), max_norm="1", seeds=2))
+    slow = next(spec for spec in plan.arms if spec.seed == 1 and spec.max_norm is None)
+    seen = _SeenProgress()
+    outcome = compare.run_arm(plan, slow, tmp_path / "arm.log", seen)
+    assert outcome.status == "complete", outcome.error
+    total = len(store.load_run(outcome.run_path).steps)
+    assert total == 30
+    # A part holds 20 steps; the last 10 take 2 s more: counts strictly between 0 and the total
+    # can only have been read while the arm was still running.
+    assert any(0 < n < total for n in seen.counts), seen.counts
+    assert seen.counts == sorted(seen.counts)

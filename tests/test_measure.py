@@ -9,8 +9,8 @@ from gradscope.record.measure import (
     FEW_SINGLES,
     STACK_MAX_NUMEL,
     STACK_MIN_TENSORS,
+    NormPlan,
     plan_norms,
-    read_norms,
     tensor_norms,
     write_norms,
 )
@@ -24,8 +24,15 @@ def _grads(shapes: list[tuple[int, ...]], dtype: torch.dtype = torch.float32, de
     return [torch.randn(shape, generator=gen).mul_(1 + i).to(device, dtype) for i, shape in enumerate(shapes)]
 
 
-def _placed(plan, values: torch.Tensor, with_loss: bool) -> torch.Tensor:
-    """The values of read_norms put back in parameter order (the loss, if any, last)."""
+def _read(plan: NormPlan, grads: list[torch.Tensor], loss: torch.Tensor | None) -> torch.Tensor:
+    """The norms of ``grads`` (and ``loss``) written into a fresh vector of their own, in ``plan.cols`` order."""
+    out = torch.empty(plan.n + (loss is not None), dtype=torch.float32, device=plan.device)
+    write_norms(plan, grads, loss, out.split(plan.part_sizes(loss is not None)))
+    return out
+
+
+def _placed(plan: NormPlan, values: torch.Tensor, with_loss: bool) -> torch.Tensor:
+    """The values of a read put back in parameter order (the loss, if any, last)."""
     out = torch.empty(plan.n + 1, dtype=torch.float64)
     out[torch.as_tensor(plan.cols(with_loss))] = values.double().cpu()
     return out
@@ -55,7 +62,7 @@ def test_cpu_plan_groups_many_small_same_shape_tensors_only() -> None:
 @pytest.mark.parametrize("with_loss", [False, True])
 @pytest.mark.parametrize("preallocated", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_read_norms_equals_torch_vector_norm(device: str, dtype: torch.dtype, with_loss: bool, preallocated: bool,
+def test_planned_norms_equal_torch_vector_norm(device: str, dtype: torch.dtype, with_loss: bool, preallocated: bool,
                                              layout: str) -> None:
     shapes = LAYOUTS[layout]
     grads = _grads(shapes, dtype, device)
@@ -70,7 +77,7 @@ def test_read_norms_equals_torch_vector_norm(device: str, dtype: torch.dtype, wi
         write_norms(plan, grads, loss, parts)
         assert values.data_ptr() == block[pos].data_ptr() and not values.isnan().any()
     else:
-        values = read_norms(plan, grads, loss)
+        values = _read(plan, grads, loss)
     placed = _placed(plan, values, with_loss)
     expected = torch.stack([torch.linalg.vector_norm(g.double().cpu()) for g in grads])
     torch.testing.assert_close(placed[: plan.n], expected, rtol=1e-5, atol=0)
@@ -80,12 +87,12 @@ def test_read_norms_equals_torch_vector_norm(device: str, dtype: torch.dtype, wi
         assert placed[plan.n].item() == 2.5
 
 
-def test_read_norms_raises_on_sparse_so_the_recorder_falls_back() -> None:
+def test_a_planned_read_raises_on_sparse_so_the_recorder_falls_back() -> None:
     shapes = [(50, 8)] * 9
     grads = _grads(shapes)
     grads[3] = grads[3].to_sparse()
     with pytest.raises((RuntimeError, NotImplementedError)):
-        read_norms(plan_norms(shapes, torch.device("cpu")), grads, None)
+        _read(plan_norms(shapes, torch.device("cpu")), grads, None)
     norms = tensor_norms(grads)  # the general path handles it
     assert torch.isclose(norms[3], torch.linalg.vector_norm(grads[3].to_dense()))
 

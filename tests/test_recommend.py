@@ -23,7 +23,7 @@ from conftest import GRADSCOPE, clean_env
 
 from gradscope import plots, recommend, store
 from gradscope.errors import NoDataError, UsageError
-from gradscope.recommend import report
+from gradscope.recommend import view
 
 REPO = Path(__file__).resolve().parents[1]
 DEAD_PID = 2**22 + 12345  # beyond pid_max on Linux: never alive
@@ -51,9 +51,9 @@ def write_run(root: Path, optimizers: list[dict[str, Any]], *, parts: int = 3, c
     """A run directory with these optimizers' steps, split into ``parts`` part files."""
     rng = np.random.default_rng(seed)
     run_dir = store.create_run_dir(root, "synthetic")
-    described = [{"index": k, "class": f"Opt{k}", "names": o["names"]} for k, o in enumerate(optimizers)]
-    store.write_meta(run_dir, {"status": status, "pid": DEAD_PID, "host": "elsewhere", "norm_type": 2.0,
-                               "optimizers": described, **(meta or {})})
+    described = tuple(store.OptimizerMeta(k, f"Opt{k}", tuple(o["names"])) for k, o in enumerate(optimizers))
+    store.write_meta(run_dir, store.RunMeta(status=status, pid=DEAD_PID, host="elsewhere", norm_type=2.0,
+                                            optimizers=described, **(meta or {})))
     writer = store.RunWriter(run_dir)
     for part in range(parts):
         for k, opt in enumerate(optimizers):
@@ -101,8 +101,8 @@ def names(n: int) -> list[str]:
     return [f"block.{i}.weight" for i in range(n)]
 
 
-def analyse_dir(run_dir: Path, **kwargs: Any) -> list[recommend.Recommendation]:
-    return recommend.analyse(store.load_run(run_dir), **kwargs)
+def recommend_dir(run_dir: Path, **kwargs: Any) -> list[recommend.Recommendation]:
+    return recommend.recommend(store.load_run(run_dir), **kwargs)
 
 
 # Independent references ---------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         norms, names(6), grad_norm=grad, skipped=skipped, clip_source=clip_source, max_norm=max_norm)])
     used = grad[np.isfinite(grad) & ~skipped]
     return {"dir": run_dir, "grad": grad, "used": used, "norms": norms, "skipped": skipped,
-            "rec": analyse_dir(run_dir)[0]}
+            "rec": recommend_dir(run_dir)[0]}
 
 
 def test_max_norm_is_numpy_p95_of_finite_unskipped_norms(mixed_run: dict[str, Any]) -> None:
@@ -182,14 +182,14 @@ def test_per_layer_stats_match_numpy_over_the_used_steps(mixed_run: dict[str, An
     squares = {}
     for j, name in enumerate(names(6)):
         values = norms[used_rows, j].astype(np.float32)
-        stats = next(s for s in rec.layers if s.layer == name)
-        assert stats.n == used_rows.sum()
-        assert [stats.median, stats.p95, stats.threshold] == list(np.percentile(values, [50.0, 95.0, 95.0]))
-        assert stats.max == values.max()
+        layer = next(s for s in rec.layers if s.layer == name)
+        assert layer.n == used_rows.sum()
+        assert [layer.median, layer.p95, layer.threshold] == list(np.percentile(values, [50.0, 95.0, 95.0]))
+        assert layer.max == values.max()
         squares[name] = float(np.square(values.astype(np.float64)).sum())
     total = sum(squares.values())
-    for stats in rec.layers:
-        assert stats.sq_share == pytest.approx(squares[stats.layer] / total, rel=1e-9)
+    for layer in rec.layers:
+        assert layer.sq_share == pytest.approx(squares[layer.layer] / total, rel=1e-9)
     assert [s.layer for s in rec.layers] == sorted(squares, key=lambda k: -next(
         s.threshold for s in rec.layers if s.layer == k))  # largest threshold first
 
@@ -202,7 +202,7 @@ def test_the_first_nonfinite_step_is_reported_with_its_amp_flag(mixed_run: dict[
 
 
 def test_without_layers_only_the_layer_evidence_is_missing(mixed_run: dict[str, Any]) -> None:
-    full, light = mixed_run["rec"], analyse_dir(mixed_run["dir"], with_layers=False)[0]
+    full, light = mixed_run["rec"], recommend_dir(mixed_run["dir"], with_layers=False)[0]
     assert light.max_norm == full.max_norm and light.clip_rates == full.clip_rates
     assert light.distribution == full.distribution and light.spikes.count == full.spikes.count
     assert light.layers == () and full.layers
@@ -215,7 +215,7 @@ def test_spikes_match_a_plain_loop_and_name_the_layer_that_carried_them(tmp_path
     injected = {300: 2, 301: 2, 800: 4, 1400: 0}  # step -> the layer that jumps 40x
     for step, layer in injected.items():
         norms[step, layer] *= 40
-    rec = analyse_dir(write_run(tmp_path, [optimizer_data(norms, names(n_layers))]))[0]
+    rec = recommend_dir(write_run(tmp_path, [optimizer_data(norms, names(n_layers))]))[0]
     grad = np.sqrt(np.square(norms.astype(np.float32).astype(np.float64)).sum(axis=1))
     expected = numpy_spikes(grad)
     assert set(expected) <= set(injected) and 300 in expected  # the reference itself sees the injection
@@ -237,7 +237,7 @@ def test_only_the_largest_spikes_are_detailed_but_all_are_counted(tmp_path: Path
     norms = lognormal(3000, 2, seed=3, sigma=0.1)
     for i, step in enumerate(range(100, 3000, 120)):  # 25 spikes of growing size
         norms[step] *= 10 + i
-    rec = analyse_dir(write_run(tmp_path, [optimizer_data(norms, names(2))]))[0]
+    rec = recommend_dir(write_run(tmp_path, [optimizer_data(norms, names(2))]))[0]
     grad = np.sqrt(np.square(norms.astype(np.float32).astype(np.float64)).sum(axis=1))
     expected = numpy_spikes(grad)
     assert rec.spikes.count == len(expected) == 25
@@ -249,7 +249,7 @@ def test_skip_steps_leaves_warmup_out(tmp_path: Path) -> None:
     norms[:50] *= 30  # a loud start
     run_dir = write_run(tmp_path, [optimizer_data(norms, names(3))])
     grad = np.sqrt(np.square(norms.astype(np.float32).astype(np.float64)).sum(axis=1))
-    full, skipped = analyse_dir(run_dir)[0], analyse_dir(run_dir, skip_steps=50)[0]
+    full, skipped = recommend_dir(run_dir)[0], recommend_dir(run_dir, skip_steps=50)[0]
     assert skipped.max_norm == np.percentile(grad[50:], 95) < full.max_norm == np.percentile(grad, 95)
     assert (skipped.distribution.n_used, skipped.distribution.n_before_skip) == (950, 50)
     layer = next(s for s in skipped.layers if s.layer == "block.0.weight")
@@ -265,7 +265,7 @@ def test_skip_steps_leaves_warmup_out(tmp_path: Path) -> None:
 def test_an_lr_ramp_sets_the_warmup_window(tmp_path: Path) -> None:
     norms = lognormal(400, 2, seed=5)
     lr = np.minimum(1.0, (np.arange(400) + 1) / 40) * 1e-3  # linear warm-up to step 39
-    rec = analyse_dir(write_run(tmp_path, [optimizer_data(norms, names(2), lr=lr)]))[0]
+    rec = recommend_dir(write_run(tmp_path, [optimizer_data(norms, names(2), lr=lr)]))[0]
     assert (rec.warmup.window, rec.warmup.basis, rec.warmup.skip_steps) == (39, "lr-ramp", 39)
 
 
@@ -273,7 +273,7 @@ def test_an_lr_ramp_sets_the_warmup_window(tmp_path: Path) -> None:
                                                     (99.0, "spike-guard"), (100.0, "spike-guard")])
 def test_percentile_sets_intent_and_frequent_clipping_warns(tmp_path: Path, percentile: float, intent: str) -> None:
     norms = lognormal(500, 2, seed=6)
-    rec = analyse_dir(write_run(tmp_path, [optimizer_data(norms, names(2))]), percentile=percentile)[0]
+    rec = recommend_dir(write_run(tmp_path, [optimizer_data(norms, names(2))]), percentile=percentile)[0]
     grad = np.sqrt(np.square(norms.astype(np.float32).astype(np.float64)).sum(axis=1))
     assert rec.max_norm == np.percentile(grad, percentile)
     assert rec.intent == intent and rec.clip_rate == numpy_clip(grad, rec.max_norm)[1]
@@ -289,7 +289,7 @@ def test_a_script_that_clips_every_step_is_warned_about(tmp_path: Path) -> None:
     norms = lognormal(300, 2, seed=7) * 20  # norms ~10-40 against max_norm=0.1, as in DETR
     run_dir = write_run(tmp_path, [optimizer_data(norms, names(2), clip_source=["script"] * 300,
                                                   max_norm=[0.1] * 300)])
-    rec = analyse_dir(run_dir)[0]
+    rec = recommend_dir(run_dir)[0]
     script = next(r for r in rec.clip_rates if r.source == "script")
     assert (script.threshold, script.clip_rate) == (0.1, 1.0)
     assert any(n.slug == "script-clips-often" and "clips 100% of steps" in n.message for n in rec.notes)
@@ -302,7 +302,7 @@ def test_first_nonfinite_layer_in_parameter_order_ignoring_layers_without_gradie
     norms[150, 2] = np.nan  # NaN gradients
     norms[150, 3] = np.inf
     norms[170:, :] = np.inf
-    rec = analyse_dir(write_run(tmp_path, [optimizer_data(norms, layer_names)]))[0]
+    rec = recommend_dir(write_run(tmp_path, [optimizer_data(norms, layer_names)]))[0]
     nf = rec.nonfinite
     assert (nf.count, nf.count_not_skipped, nf.first_step, nf.first_step_amp_skipped) == (31, 31, 150, False)
     assert (nf.first_layer, nf.layers, nf.n_layers) == ("mid.weight", ("mid.weight", "head.weight"), 2)
@@ -313,49 +313,38 @@ def test_first_nonfinite_layer_in_parameter_order_ignoring_layers_without_gradie
 def test_several_optimizers_get_one_recommendation_each(tmp_path: Path) -> None:
     gen, disc = lognormal(300, 3, seed=9), lognormal(300, 2, seed=10) * 7
     run_dir = write_run(tmp_path, [optimizer_data(gen, ["g.0", "g.1", "g.2"]), optimizer_data(disc, ["d.0", "d.1"])])
-    recs = analyse_dir(run_dir)
+    recs = recommend_dir(run_dir)
     assert [r.optimizer for r in recs] == [0, 1] and recs[1].optimizer_label == "1 (Opt1)"
     for rec, data in zip(recs, (gen, disc), strict=True):
         grad = np.sqrt(np.square(data.astype(np.float32).astype(np.float64)).sum(axis=1))
         assert rec.max_norm == np.percentile(grad, 95)
-        for j, stats in enumerate(sorted(rec.layers, key=lambda s: s.layer)):
-            assert stats.median == np.percentile(data[:, j].astype(np.float32), [50.0])[0]
-    only = analyse_dir(run_dir, optimizer=1)
+        for j, layer in enumerate(sorted(rec.layers, key=lambda s: s.layer)):
+            assert layer.median == np.percentile(data[:, j].astype(np.float32), [50.0])[0]
+    only = recommend_dir(run_dir, optimizer=1)
     assert [r.optimizer for r in only] == [1] and only[0].max_norm == recs[1].max_norm
     with pytest.raises(UsageError, match="has no optimizer 4; it has 0, 1"):
-        analyse_dir(run_dir, optimizer=4)
+        recommend_dir(run_dir, optimizer=4)
 
 
 @pytest.mark.parametrize("batch_rows", [7, 100, 1 << 20])
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_layer_stats_do_not_depend_on_layout_or_batch_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                           batch_rows: int, shuffle: bool) -> None:
+def test_layer_stats_do_not_depend_on_layout_or_batch_size(tmp_path: Path, batch_rows: int, shuffle: bool) -> None:
     """Batches that cut step blocks in two (7 rows, 3 layers), and rows in any order, give the same stats."""
     norms = lognormal(120, 3, seed=11)
     norms[60] *= 50  # a spike, whose layers must be found whatever the layout
-    monkeypatch.setattr("gradscope.recommend.analysis.LAYER_BATCH_ROWS", batch_rows)
-    rec = analyse_dir(write_run(tmp_path, [optimizer_data(norms, names(3))], parts=4, shuffle_layers=shuffle))[0]
+    run_dir = write_run(tmp_path, [optimizer_data(norms, names(3))], parts=4, shuffle_layers=shuffle)
+    rec = recommend_dir(run_dir, layer_batch_rows=batch_rows)[0]
     for j, name in enumerate(names(3)):
-        stats = next(s for s in rec.layers if s.layer == name)
+        layer = next(s for s in rec.layers if s.layer == name)
         values = norms[:, j].astype(np.float32)
-        assert (stats.n, stats.median, stats.p95, stats.max) == (120, *np.percentile(values, [50.0, 95.0]), values.max())
+        assert (layer.n, layer.median, layer.p95, layer.max) == (120, *np.percentile(values, [50.0, 95.0]), values.max())
     assert [s.step for s in rec.spikes.shown] == [60] and len(rec.spikes.shown[0].layers) == 3
-
-
-def test_percentile_of_sorted_is_bit_identical_to_numpy() -> None:
-    rng = np.random.default_rng(12)
-    for trial in range(500):
-        values = rng.lognormal(size=int(rng.integers(1, 500))).astype(np.float32 if trial % 2 else np.float64)
-        if trial % 5 == 0:
-            values = np.round(values, 1)  # ties
-        q = [50.0, 95.0, float(rng.uniform(0, 100)), 100.0, 0.0]
-        assert np.array_equal(recommend.percentile_of_sorted(np.sort(values), q), np.percentile(values, q))
 
 
 def test_killed_run_is_analysed_from_its_parts_and_labelled(tmp_path: Path) -> None:
     norms = lognormal(90, 2, seed=13)
     run_dir = write_run(tmp_path, [optimizer_data(norms, names(2))], compact=False, status="running")
-    rec = analyse_dir(run_dir)[0]
+    rec = recommend_dir(run_dir)[0]
     assert not rec.complete and rec.run_status == "killed"
     assert rec.status_note == ("incomplete run (killed at step 89): using the steps recorded up to its last flush")
     grad = np.sqrt(np.square(norms.astype(np.float32).astype(np.float64)).sum(axis=1))
@@ -365,16 +354,16 @@ def test_killed_run_is_analysed_from_its_parts_and_labelled(tmp_path: Path) -> N
 
 def test_no_usable_steps_raise_no_data(tmp_path: Path) -> None:
     empty = store.create_run_dir(tmp_path, "empty")
-    store.write_meta(empty, {"status": "complete"})
+    store.write_meta(empty, store.RunMeta(status="complete"))
     writer = store.RunWriter(empty)
     writer.compact()
     with pytest.raises(NoDataError, match="recorded no optimizer step"):
-        analyse_dir(empty)
+        recommend_dir(empty)
     bad = write_run(tmp_path, [optimizer_data(np.full((5, 2), np.inf), names(2))])
     with pytest.raises(NoDataError, match="every one of the 5 recorded norms of optimizer 0 \\(Opt0\\) is non-finite"):
-        analyse_dir(bad)
+        recommend_dir(bad)
     with pytest.raises(UsageError, match="lower --skip-steps"):
-        analyse_dir(write_run(tmp_path, [optimizer_data(lognormal(5, 2), names(2))]), skip_steps=5)
+        recommend_dir(write_run(tmp_path, [optimizer_data(lognormal(5, 2), names(2))]), skip_steps=5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,8 +396,8 @@ def gradscope(*args: str, cwd: Path = REPO, tty: bool = False) -> subprocess.Com
     return subprocess.CompletedProcess(proc.args, proc.returncode, b"".join(chunks).decode(), stderr)
 
 
-JSON_KEYS = {"schema", "gradscope_version", "run", "percentile", "percentile_method", "clip_rule", "skip_steps",
-             "recommendations"}
+JSON_KEYS = {"format", "schema_version", "gradscope_version", "run", "percentile", "percentile_method", "clip_rule",
+             "skip_steps", "recommendations"}
 RECOMMENDATION_KEYS = {"optimizer", "optimizer_label", "norm_type", "max_norm", "clip_rate", "intent", "intent_text",
                        "distribution", "clip_rates", "spikes", "nonfinite", "warmup", "layers", "notes"}
 
@@ -421,7 +410,7 @@ def test_json_is_strict_and_has_the_documented_keys(mixed_run: dict[str, Any]) -
         raise AssertionError(f"non-standard JSON constant {name}")
 
     doc = json.loads(proc.stdout, parse_constant=no_constants)  # all of stdout is the document
-    assert set(doc) == JSON_KEYS and doc["schema"] == "gradscope.recommend/1"
+    assert set(doc) == JSON_KEYS and doc["format"] == "gradscope-recommend" and doc["schema_version"] == 1
     assert "linear interpolation" in doc["percentile_method"]
     assert doc["run"] == {"id": mixed_run["dir"].name, "path": str(mixed_run["dir"].resolve()),
                           "status": "complete", "complete": True, "note": None}
@@ -445,7 +434,7 @@ def test_json_is_strict_and_has_the_documented_keys(mixed_run: dict[str, Any]) -
 def test_to_json_turns_nan_into_null(mixed_run: dict[str, Any]) -> None:
     rec = mixed_run["rec"]
     odd = recommend.Spike(step=1, norm=float("inf"), rolling_median=float("nan"), ratio=2.0, layers=())
-    doc = report.to_json([rec.__class__(**{**rec.__dict__, "spikes": recommend.Spikes(5.0, 50, 1, (odd,))})])
+    doc = view.to_json([rec.__class__(**{**rec.__dict__, "spikes": recommend.Spikes(5.0, 50, 1, (odd,))})])
     spike = doc["recommendations"][0]["spikes"]["shown"][0]
     assert spike["norm"] is None and spike["rolling_median"] is None
     json.dumps(doc, allow_nan=False)
@@ -501,7 +490,7 @@ def _newer(root: Path) -> Path:
 
 def _zero_steps(root: Path) -> Path:
     run_dir = store.create_run_dir(root, "zero")
-    store.write_meta(run_dir, {"status": "complete"})
+    store.write_meta(run_dir, store.RunMeta(status="complete"))
     store.RunWriter(run_dir).compact()
     return run_dir
 
@@ -568,7 +557,7 @@ def test_help_documents_every_option() -> None:
     text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", proc.stdout).split())
     for fragment in ("--percentile", "A high one (95-99) guards against spikes", "--skip-steps", "(warm-up) out",
                      "--optimizer", "each optimizer gets its own recommendation", "--json",
-                     "schema gradscope.recommend/1", "--plot", "Exit codes: 0 ok, 1 no such run"):
+                     "format gradscope-recommend", "--plot", "Exit codes: 0 ok, 1 no such run"):
         assert fragment in text
 
 
@@ -582,7 +571,7 @@ def test_plot_shows_the_series_on_a_log_axis_with_max_norm_and_a_histogram(mixed
     from matplotlib.image import imread
 
     run = store.load_run(mixed_run["dir"])
-    recs = recommend.analyse(run)
+    recs = recommend.recommend(run)
     fig = plots.plot_recommend(run, recs, tmp_path / "rec.png")
     assert len(fig.axes) == 2
     series, histogram = fig.axes
@@ -609,7 +598,7 @@ def test_recommend_never_imports_torch(mixed_run: dict[str, Any], tmp_path: Path
     code = (
         "import sys, io, contextlib\n"
         "from gradscope.cli import main\n"
-        "from gradscope import recommend, plots\nfrom gradscope.recommend import report\n"
+        "from gradscope import recommend, plots\nfrom gradscope.recommend import view\n"
         "out = io.StringIO()\n"
         "with contextlib.redirect_stdout(out):\n"
         f"    rc = main(['recommend', {str(mixed_run['dir'])!r}, '--plot', {str(tmp_path / 'x.png')!r}])\n"

@@ -43,13 +43,13 @@ def close(actual: Any, expected: Any, rel: float = REL) -> bool:
 
 def optimizer_indices(run: Any, prefix: str) -> list[int]:
     """Indices (meta ``optimizers``) of the optimizers whose parameters all live under ``prefix``."""
-    return [o["index"] for o in run.meta["optimizers"] if o["names"] and all(n.startswith(prefix) for n in o["names"])]
+    return [o.index for o in run.meta.optimizers if o.names and all(n.startswith(prefix) for n in o.names)]
 
 
 def optimizer_of(run: Any, prefix: str) -> int:
     """The one optimizer index whose parameter names all start with ``prefix``."""
     found = optimizer_indices(run, prefix)
-    assert len(found) == 1, f"expected one optimizer under {prefix!r}, found {found} in {run.meta['optimizers']}"
+    assert len(found) == 1, f"expected one optimizer under {prefix!r}, found {found} in {run.meta.optimizers}"
     return found[0]
 
 
@@ -108,7 +108,7 @@ def test_optimizer_implementations_record_torch_norms(profiled: Any, case: str) 
     run, refs = profiled.run, profiled.ref(case)
     index = optimizer_of(run, f"{case}.")
     steps = check_records(run, index, refs)
-    assert run.meta["optimizers"][index]["class"] == {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[case.split("-")[0]]
+    assert run.meta.optimizers[index].class_name == {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}[case.split("-")[0]]
     assert list(steps.n_backward) == [1] * len(refs)
     # lr of the update itself (read before the scheduler halves it), never the next one
     assert [close(a, r["lr"]) for a, r in zip(steps.lr, refs, strict=True)] == [True] * len(refs)
@@ -125,7 +125,7 @@ def test_wrapping_optimizers_record_once_per_step(profiled: Any, case: str, cls:
     run, refs = profiled.run, profiled.ref(case)
     index = optimizer_of(run, f"{case}.")
     check_records(run, index, refs)
-    assert run.meta["optimizers"][index]["class"] == cls
+    assert run.meta.optimizers[index].class_name == cls
 
 
 @optimizers_run
@@ -180,7 +180,7 @@ def test_grads_that_require_grad_are_recorded(profiled: Any) -> None:
     under autograd), and the general path must read them without keeping a graph the flush would choke on."""
     run, refs = profiled.run, profiled.ref("create-graph")
     steps = check_records(run, optimizer_of(run, "create-graph."), refs)
-    assert len(steps) == 3 and run.meta["status"] == "complete"
+    assert len(steps) == 3 and run.meta.status == "complete"
 
 
 @grads_run
@@ -214,7 +214,7 @@ def test_small_same_shape_tensors_read_by_stacking(profiled: Any, case: str) -> 
     run, refs = profiled.run, profiled.ref(case)
     index = optimizer_of(run, f"{case}.")
     check_records(run, index, refs)
-    assert len(run.meta["optimizers"][index]["names"]) == 40
+    assert len(run.meta.optimizers[index].names) == 40
     for ref in refs:
         recorded = layer_norms(run, index, ref["step"])
         assert math.isnan(recorded[f"{case}.sometimes.weight"]) == (ref["step"] % 2 == 0)
@@ -232,7 +232,7 @@ def test_sparse_embedding_grads(profiled: Any, case: str) -> None:
         steps = check_records(run, optimizer_of(run, f"{case}.{part}"), profiled.ref(f"{case}/{g}"))
         assert list(steps.n_backward) == [1] * len(steps)
     if case == "sparse-adam":
-        classes = {o["class"] for o in run.meta["optimizers"] if o["names"][0].startswith(case)}
+        classes = {o.class_name for o in run.meta.optimizers if o.names[0].startswith(case)}
         assert classes == {"SparseAdam", "Adam"}
 
 
@@ -305,10 +305,10 @@ def test_script_clipping_records_pre_clip_and_applied_norms(profiled: Any, case:
 
 @clip_run
 def test_script_clipping_is_described_in_meta(profiled: Any) -> None:
-    clipping = profiled.run.meta["clipping"]
-    assert clipping["script_clip_calls"] == sum(2 if r["case"] == "two" else 1 for r in profiled.refs)
-    assert clipping["script_clip_function"] == "clip_grads_with_norm_"  # the last call: CLIP_CASES ends with with-norm
-    assert clipping["script_max_norm"] == profiled.refs[-1]["threshold"]
+    clipping = profiled.run.meta.clipping
+    assert clipping.script_clip_calls == sum(2 if r["case"] == "two" else 1 for r in profiled.refs)
+    assert clipping.script_clip_function == "clip_grads_with_norm_"  # the last call: CLIP_CASES ends with with-norm
+    assert clipping.script_max_norm == profiled.refs[-1]["threshold"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,11 +321,11 @@ def test_gan_discriminator_and_generator_are_two_series(profiled: Any) -> None:
     """D (two backward calls per update) and G each get their own optimizer index, norms and losses,
     even though both are nn.Sequential with the same parameter names (only the shapes differ)."""
     run = profiled.run
-    assert len(run.meta["optimizers"]) == 2, run.meta["optimizers"]
+    assert len(run.meta.optimizers) == 2, run.meta.optimizers
     for net, n_backward in (("D", 2), ("G", 1)):
         refs = profiled.ref(net)
-        index = [o["index"] for o in run.meta["optimizers"] if o["shapes"] == refs[0]["shapes"]]
-        assert len(index) == 1, f"{net}: {run.meta['optimizers']}"
+        index = [o.index for o in run.meta.optimizers if [list(s) for s in o.shapes] == refs[0]["shapes"]]
+        assert len(index) == 1, f"{net}: {run.meta.optimizers}"
         steps = check_records(run, index[0], refs)
         assert list(steps.n_backward) == [n_backward] * len(refs)
 
@@ -348,17 +348,17 @@ def test_parameter_names(profiled: Any, case: str) -> None:
     called ``module`` kept, a tied weight once (its other name an alias), a bare Parameter by position."""
     run, refs = profiled.run, profiled.ref(case)
     if case == "bare":  # the bare Parameter's fallback name is param_groups.0.2, not under "bare."
-        index = next(o["index"] for o in run.meta["optimizers"] if o["names"][0].startswith("bare."))
+        index = next(o.index for o in run.meta.optimizers if o.names[0].startswith("bare."))
     else:
         index = optimizer_of(run, f"{case}.")
     check_records(run, index, refs)
-    entry = run.meta["optimizers"][index]
-    assert entry["names"] == list(refs[0]["layers"])
-    assert not any("_orig_mod" in n or "_checkpoint_wrapped_module" in n for n in entry["names"])
+    entry = run.meta.optimizers[index]
+    assert list(entry.names) == list(refs[0]["layers"])
+    assert not any("_orig_mod" in n or "_checkpoint_wrapped_module" in n for n in entry.names)
     if case == "tied":
-        assert entry["aliases"] == {"tied.encoder.weight": ["tied.decoder.weight"]}
+        assert entry.aliases == {"tied.encoder.weight": ("tied.decoder.weight",)}
     if case == "wrappers":
-        assert "wrappers.0.module.weight" in entry["names"]
+        assert "wrappers.0.module.weight" in entry.names
 
 
 @naming_run
@@ -368,7 +368,7 @@ def test_add_param_group_mid_run(profiled: Any) -> None:
     has one row per update."""
     run, refs = profiled.run, profiled.ref("add-group")
     before, after = optimizer_indices(run, "add-group.")
-    assert len(run.meta["optimizers"][before]["names"]) == 2 and len(run.meta["optimizers"][after]["names"]) == 4
+    assert len(run.meta.optimizers[before].names) == 2 and len(run.meta.optimizers[after].names) == 4
     check_records(run, before, refs[:2])
     check_records(run, after, refs[2:], first_step=2)
     head = run.layers[(run.layers.layer == "add-group.2.weight")]
@@ -395,17 +395,17 @@ def test_torch_compile(profiled: Any, case: str) -> None:
     run, refs = profiled.run, profiled.ref(case)
     index = optimizer_of(run, f"{case}.")
     check_records(run, index, refs)
-    assert not any("_orig_mod" in n for n in run.meta["optimizers"][index]["names"])
+    assert not any("_orig_mod" in n for n in run.meta.optimizers[index].names)
 
 
 def test_hooks_run_eagerly_inside_a_compiled_function() -> None:
-    """The hook wrapper (recorder._eager, a leaner torch.compiler.disable): dynamo calls the hook at a
+    """The hook wrapper (hooks.eager, a leaner torch.compiler.disable): dynamo calls the hook at a
     graph break instead of tracing it, and compiles nothing the hook calls; a plain function is traced."""
     import warnings
 
     import torch
 
-    from gradscope.record.recorder import _eager
+    from gradscope.record.hooks import eager
 
     def compiling_inside(wrap: Any) -> list[bool]:
         seen: list[bool] = []
@@ -431,7 +431,7 @@ def test_hooks_run_eagerly_inside_a_compiled_function() -> None:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert compiling_inside(_eager) == [False, False]
+        assert compiling_inside(eager) == [False, False]
     assert not [w for w in caught if "dynamo" in str(w.filename) or "graph break" in str(w.message).lower()]
     assert compiling_inside(lambda fn: fn) == [True, True]  # the control: unwrapped, dynamo traces it
 
@@ -455,11 +455,14 @@ def test_a_step_with_a_missing_grad_leaves_the_read_plan_in_place(tmp_path: Any)
             x = torch.randn(3, 4)
             (model[1:](x) if i == 2 else model(x)).pow(2).mean().backward()  # step 2: no grad for model[0]
             expected.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
+            before = rec.stats.general_reads
             opt.step()
-            planned.append(rec._buffer._rows[-1].block is not None)  # a planned row lives in a RowBlocks block
+            planned.append(rec.stats.general_reads == before)  # not read norm by norm: read by the plan
+        stats = rec.stats
     finally:
         rec.stop()
     assert planned == [True, True, False, True]
+    assert stats.planned_failures == 1 and stats.plans_dropped == 0 and stats.n_steps == 4
     steps = pd.read_parquet(tmp_path / "latest" / "steps.parquet")
     assert steps["grad_norm"].tolist() == pytest.approx([float(n) for n in expected], rel=1e-5)
 
@@ -467,7 +470,7 @@ def test_a_step_with_a_missing_grad_leaves_the_read_plan_in_place(tmp_path: Any)
 
 def test_a_param_never_given_a_grad_costs_one_failed_planned_read_only(tmp_path: Any) -> None:
     """A frozen or unused param the optimizer holds has no grad on any step: after the first step shows it,
-    read_row checks for a None before reading, rather than stacking every group in vain every step."""
+    the planned read checks for a None before reading, rather than stacking every group in vain every step."""
     import torch
 
     from gradscope.record.recorder import Recorder
@@ -484,12 +487,43 @@ def test_a_param_never_given_a_grad_costs_one_failed_planned_read_only(tmp_path:
             model(torch.randn(3, 4)).pow(2).mean().backward()
             expected.append(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])))
             opt.step()
-        layout = rec._layouts[opt]
-        claimed = sum(rows._next for _, rows in layout.blocks.values())
+        stats = rec.stats
     finally:
         rec.stop()
-    assert layout.plan is not None and layout.saw_none
-    assert claimed == 1  # the first step's attempt only
+    assert stats.plans_dropped == 0  # the plan stays: a step with every grad would use it
+    assert stats.planned_failures == 1  # the first step's attempt only
+    assert stats.general_reads == 20
+    steps = pd.read_parquet(tmp_path / "latest" / "steps.parquet")
+    assert steps["grad_norm"].tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_failed_planned_read_warns_once_and_falls_back(tmp_path: Any, capsys: Any) -> None:
+    """A planned read that fails for a reason plans are not known for (here a param resized mid-run breaks
+    the stack of its shape group) says so once on stderr, turns the plan off, and every step is still
+    recorded with torch's norms; the cases plans are known not to cover (sparse...) stay silent."""
+    import torch
+
+    from gradscope.record.recorder import Recorder
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4)) for _ in range(10)]  # one stacked group of 10
+    opt = torch.optim.SGD(params, lr=0.01)
+    rec = Recorder(runs_dir=tmp_path, label="resized").start()
+    expected = []
+    try:
+        for i in range(4):
+            if i == 2:
+                params[0].data = torch.randn(5)  # the plan was made for (4,): its stack now raises
+            opt.zero_grad()
+            sum((p * p).sum() for p in params).backward()
+            expected.append(float(torch.nn.utils.get_total_norm([p.grad for p in params])))
+            opt.step()
+        stats = rec.stats
+    finally:
+        rec.stop()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gradscope: warning:")]
+    assert len(warnings) == 1 and "planned norm read" in warnings[0] and "RuntimeError" in warnings[0], warnings
+    assert stats.plans_dropped == 1 and stats.general_reads == 2
     steps = pd.read_parquet(tmp_path / "latest" / "steps.parquet")
     assert steps["grad_norm"].tolist() == pytest.approx(expected, rel=1e-5)
 
@@ -507,8 +541,8 @@ def test_hand_written_update_loop(profiled: Any, mode: str) -> None:
     decoder tied to the encoder is one tensor with an alias."""
     run, refs = profiled.run, profiled.ref(mode)
     index = optimizer_of(run, f"{mode}.")
-    assert run.meta["optimizers"][index]["class"] == "manual"
-    assert run.meta["optimizers"][index]["aliases"] == {f"{mode}.encoder.weight": [f"{mode}.decoder.weight"]}
+    assert run.meta.optimizers[index].class_name == "manual"
+    assert run.meta.optimizers[index].aliases == {f"{mode}.encoder.weight": (f"{mode}.decoder.weight",)}
     steps = check_records(run, index, refs)
     assert list(steps.n_backward) == [1] * len(refs)
     assert [close(a, r["applied"]) for a, r in zip(steps.applied_norm, refs, strict=True)] == [True] * len(refs)
@@ -530,7 +564,7 @@ def test_optimizer_created_before_the_recorder(profiled: Any) -> None:
     """torch's global step hooks reach an optimizer made before they were registered; its clip call
     before the first step is the script's clipping (an optimizer exists), not a hand-written update."""
     run, refs = profiled.run, profiled.ref("api")
-    assert [o["class"] for o in run.meta["optimizers"]] == ["SGD"]
+    assert [o.class_name for o in run.meta.optimizers] == ["SGD"]
     steps = check_records(run, 0, refs)
     assert (steps.clip_source == "script").all() and (steps.max_norm == 0.5).all()
     assert (steps.grad_norm > 0.5).all() and [close(a, 0.5) for a in steps.applied_norm] == [True] * len(refs)

@@ -112,8 +112,8 @@ def test_failed_script_keeps_its_steps(tmp_path: Path) -> None:
     assert "RuntimeError: data loader exploded at step 3" in result.stderr
     run = gradscope.load_run(runs_dir=tmp_path)
     assert run.status == "failed"
-    assert run.meta["error"] == "RuntimeError: data loader exploded at step 3"
-    assert run.meta["exit_code"] == 1
+    assert run.meta.error == "RuntimeError: data loader exploded at step 3"
+    assert run.meta.exit_code == 1
     assert len(run.steps) == 3 and run.complete
 
 

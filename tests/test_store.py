@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from gradscope import store
+from gradscope.cli import main
 from gradscope.errors import RunFormatError, RunNotFoundError
+from gradscope.store.meta import MetaFieldError
 
 
 def _steps(start: int, n: int) -> dict[str, list]:
@@ -37,7 +40,7 @@ def _layers(start: int, n: int, names: list[str]) -> dict[str, list]:
 
 def _write_run(root: Path, parts: int = 3, per_part: int = 4, compact: bool = True) -> Path:
     run_dir = store.create_run_dir(root, "synthetic")
-    store.write_meta(run_dir, {"status": "complete" if compact else "running", "pid": 2**22 + 12345, "host": "elsewhere"})
+    store.write_meta(run_dir, store.RunMeta(status="complete" if compact else "running", pid=2**22 + 12345, host="elsewhere"))
     writer = store.RunWriter(run_dir)
     for k in range(parts):
         writer.write_part("steps", _steps(k * per_part, per_part))
@@ -154,3 +157,119 @@ def test_load_run_does_not_import_torch(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["12", "False"]
+
+
+# --------------------------------------------------------------------------------------------------
+# meta.json: typed, checked on read
+# --------------------------------------------------------------------------------------------------
+
+#: meta.json exactly as gradscope 0.1.0 wrote it for `gradscope profile train.py --lr 0.1`.
+META_0_1_0 = {
+    "format": "gradscope-run", "schema_version": 1, "gradscope_version": "0.1.0", "torch_version": "2.5.1+cpu",
+    "python_version": "3.12.3", "run_id": "train-20260101-120000", "label": "train",
+    "target": "train.py", "as_module": False, "script_path": "/home/u/proj/train.py", "script_sha256": "ab" * 32,
+    "argv": ["train.py", "--lr", "0.1"], "script_args": ["--lr", "0.1"], "cwd": "/home/u/proj",
+    "command": ["gradscope", "profile", "train.py", "--lr", "0.1"],
+    "seed": 0, "seeds_seen": [0], "norm_type": 2.0,
+    "clipping": {"script_max_norm": 1.0, "script_clip_function": "clip_grad_norm_", "script_clip_calls": 40,
+                 "injected_max_norm": None, "script_clip_disabled": False},
+    "optimizers": [{"index": 0, "class": "AdamW", "n_tensors": 2, "names": ["fc.weight", "fc.bias"],
+                    "shapes": [[1, 4], [1]], "aliases": {"fc.weight": ["head.weight"]}}],
+    "flush_every": 200, "start_time": "2026-01-01T12:00:00+00:00", "end_time": "2026-01-01T12:01:00+00:00",
+    "status": "complete", "exit_code": 0, "error": None, "n_steps": 40, "host": "box", "pid": 4242,
+}
+
+
+def _with_meta(root: Path, meta: dict) -> Path:
+    run_dir = store.create_run_dir(root, "meta")
+    (run_dir / "meta.json").write_text(json.dumps(meta))
+    return run_dir
+
+
+def test_meta_of_gradscope_0_1_0_reads_typed_and_writes_back_the_same(tmp_path: Path) -> None:
+    run_dir = _with_meta(tmp_path, META_0_1_0)
+    meta = store.load_run(run_dir).meta
+    assert isinstance(meta, store.RunMeta) and meta.status == "complete" and meta.seed == 0
+    assert meta.provenance is not None and meta.provenance.argv == ("train.py", "--lr", "0.1")
+    assert meta.provenance.cwd == "/home/u/proj" and meta.clipping.script_max_norm == 1.0
+    optimizer = meta.optimizers[0]
+    assert (optimizer.index, optimizer.class_name, optimizer.n_tensors) == (0, "AdamW", 2)
+    assert optimizer.shapes == ((1, 4), (1,)) and optimizer.aliases == {"fc.weight": ("head.weight",)}
+    assert meta.to_json() == META_0_1_0  # same keys, same values, same order
+    assert list(meta.to_json()) == list(META_0_1_0)
+    assert meta.clipping.script_clip_calls == 40 and meta.error is None
+    store.write_meta(run_dir, meta)  # a RunMeta is written as is
+    assert json.loads((run_dir / "meta.json").read_text()) == META_0_1_0
+
+
+def test_meta_without_provenance_or_with_unknown_keys(tmp_path: Path) -> None:
+    run_dir = _write_run(tmp_path)  # written by the store API with three keys
+    meta = store.read_meta(run_dir)
+    assert meta.provenance is None and meta.optimizers == () and meta.clipping == store.Clipping()
+    assert meta.pid == 2**22 + 12345 and meta.norm_type == 2.0
+    store.write_meta(run_dir, replace(meta, extra={"note": {"by": "another tool"}}))
+    again = store.read_meta(run_dir)
+    assert again.extra == {"note": {"by": "another tool"}} and again.to_json()["note"] == {"by": "another tool"}
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("seed", "3", 'meta.json field seed must be an integer or null, not "3"'),
+    ("pid", True, "meta.json field pid must be an integer or null, not true"),
+    ("norm_type", "2", 'meta.json field norm_type must be a number, not "2"'),
+    ("status", "paused", 'meta.json field status must be one of running, complete, failed, interrupted, not "paused"'),
+    ("status", None, "meta.json field status is missing"),
+    ("argv", "train.py", 'meta.json field argv must be a list of strings, not "train.py"'),
+    ("clipping", [], "meta.json field clipping must be an object, not []"),
+    ("optimizers", [{"index": 0}], "meta.json field optimizers[0].class is missing"),
+    ("optimizers", [{"index": 0, "class": "SGD", "shapes": [[2, 2.5]]}],
+     "meta.json field optimizers[0].shapes must be a list of shapes (lists of integers), not [[2, 2.5]]"),
+])
+def test_bad_meta_field_is_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str,
+                                              value: object, message: str) -> None:
+    meta = {k: v for k, v in META_0_1_0.items() if not (k == field and value is None)}
+    if value is not None:
+        meta[field] = value
+    run_dir = _with_meta(tmp_path, meta)
+    with pytest.raises(RunFormatError) as err:
+        store.load_run(run_dir)
+    assert err.value.message == f"{run_dir} is not a gradscope run: {message}"
+    assert main(["compare", str(run_dir), "--max-norm", "1"]) == 1  # through the CLI: one line, exit 1
+    assert capsys.readouterr().err.splitlines() == [f"gradscope: {run_dir} is not a gradscope run: {message}"]
+
+
+def test_write_meta_refuses_a_field_that_would_not_read_back(tmp_path: Path) -> None:
+    run_dir = store.create_run_dir(tmp_path, "bad")
+    with pytest.raises(MetaFieldError, match="meta.json field exit_code must be an integer or null"):
+        store.write_meta(run_dir, store.RunMeta(status="complete", exit_code="0"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="takes a RunMeta"):
+        store.write_meta(run_dir, {"status": "complete"})  # type: ignore[arg-type]
+    assert not (run_dir / "meta.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Counting the steps of a running run
+# --------------------------------------------------------------------------------------------------
+
+
+def test_count_steps_while_running_and_after_compaction(tmp_path: Path) -> None:
+    run_dir = store.create_run_dir(tmp_path, "count")
+    assert store.count_steps(run_dir) == 0
+    writer = store.RunWriter(run_dir)
+    counter = store.StepCounter(run_dir)
+    writer.write_part("steps", _steps(0, 4))
+    writer.write_part("layers", _layers(0, 4, ["a"]))  # other tables never count
+    assert counter.count() == 4
+    (run_dir / "parts" / ".steps-000009.arrow.tmp").write_bytes(b"ARROW1 half written")  # never read
+    writer.write_part("steps", _steps(4, 3))
+    assert counter.count() == 7 and store.count_steps(run_dir) == 7
+    writer.compact()
+    assert counter.count() == 7  # from the final file, once the parts are gone
+
+
+def test_count_steps_reads_parquet_parts_of_gradscope_0_1_0(tmp_path: Path) -> None:
+    run_dir = _write_run(tmp_path, compact=False)
+    for part in sorted((run_dir / "parts").glob("steps-*.arrow")):
+        with pa.OSFile(str(part), "rb") as source:
+            pq.write_table(pa.ipc.open_file(source).read_all(), part.with_suffix(".parquet"))
+        part.unlink()
+    assert store.count_steps(run_dir) == 12

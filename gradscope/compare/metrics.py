@@ -7,10 +7,10 @@ seed goes through the same definitions, named once here:
 - **best loss**: the lowest value of the *smoothed* loss (trailing mean over ``smooth_window`` steps),
   so one lucky mini-batch does not count as the best the arm reached;
 - **volatility**: standard deviation of the step-to-step loss change (finite steps only);
-- **loss spike**: a step whose loss exceeds ``SPIKE_FACTOR`` x the median of the previous
-  ``SPIKE_WINDOW`` finite losses; a **norm spike** is ``gradscope recommend``'s definition, reused
-  (pre-clip norm above ``recommend.SPIKE_FACTOR`` x the median of the previous
-  ``recommend.SPIKE_WINDOW`` norms), so both commands count the same steps;
+- **loss spike**: a step whose loss exceeds ``stats.LOSS_SPIKE.factor`` x the median of the
+  previous ``stats.LOSS_SPIKE.window`` finite losses; a **norm spike** is ``gradscope recommend``'s
+  definition, ``stats.NORM_SPIKE`` (the same rule, for pre-clip norms, with larger constants), so
+  both commands count the same steps;
 - **non-finite**: steps whose loss, or the pre-clip norm of an applied update, is inf or NaN
   (a step GradScaler skipped is routine loss scaling, not divergence);
 - **clipped**: fraction of steps whose clipping coefficient was below 1.
@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 
-from gradscope import recommend
+from gradscope import stats
+from gradscope.stats import LOSS_SPIKE, NORM_SPIKE, SpikeRule
 from gradscope.store import Run
 
 LAST_FRACTION = 0.10  # "final" loss: the last 10% of the steps
-SPIKE_WINDOW = 20  # steps of history a spike is judged against
-SPIKE_MIN_HISTORY = 5  # no spike is called before this many steps of history exist
-SPIKE_FACTOR = 3.0  # a spike is a value above 3x the median of the previous SPIKE_WINDOW steps
 SPREAD_FACTOR = 2.0  # a lead is real when it exceeds 2x the pooled seed standard deviation
 CLIPPED_BELOW = 1.0 - 1e-6  # clip_coef under this: the step was scaled down
 BASELINE = "baseline"
@@ -125,6 +124,27 @@ class Comparison:
     verdict: Verdict
 
 
+class HasMaxNorm(Protocol):
+    """An arm as anything names it: a planned arm, a measured one."""
+
+    @property
+    def max_norm(self) -> float | None: ...
+
+
+def arm_title(arm: HasMaxNorm | float | None) -> str:
+    """How an arm is named to a person: ``no clipping`` or ``max_norm=0.5``.
+
+    Takes an arm (``ArmResult``, ``ArmSpec``) or its threshold itself (None: no clipping).
+    """
+    max_norm = arm if arm is None or isinstance(arm, int | float) else arm.max_norm
+    return "no clipping" if max_norm is None else f"max_norm={max_norm:g}"
+
+
+def arm_key(max_norm: float | None) -> str:
+    """The key the seeds of one arm share (``arm`` in compare.json): ``baseline`` or its title."""
+    return BASELINE if max_norm is None else arm_title(max_norm)
+
+
 # --------------------------------------------------------------------------------------------------
 # Per-series definitions
 # --------------------------------------------------------------------------------------------------
@@ -141,23 +161,18 @@ def smoothed(values: pd.Series) -> pd.Series:
     return finite.rolling(smooth_window(len(values)), min_periods=1).mean()
 
 
-def spike_mask(values: pd.Series, window: int = SPIKE_WINDOW, factor: float = SPIKE_FACTOR,
-               min_history: int = SPIKE_MIN_HISTORY) -> pd.Series:
-    """True at steps whose value exceeds ``factor`` x the median of the previous ``window`` finite steps.
+def spike_mask(values: pd.Series, rule: SpikeRule = LOSS_SPIKE) -> pd.Series:
+    """True at steps whose value exceeds ``rule.factor`` x the median of the previous ``rule.window``
+    finite steps (:func:`gradscope.stats.spike_mask`, as a Series aligned with ``values``).
 
-    The rolling median is ``recommend.rolling_median_before``. For series that can be negative the
-    rule reads "more than ``factor - 1`` x |median| above the median", the same test for positive
-    medians. Non-finite steps are never spikes: they are counted separately.
+    Non-finite steps are never spikes: they are counted separately.
     """
-    finite = values.where(np.isfinite(values)).astype(float)
-    median = pd.Series(recommend.rolling_median_before(finite.to_numpy(), window, min_history), index=values.index)
-    mask = (finite - median) > (factor - 1.0) * median.abs()
-    return mask.fillna(False).astype(bool)
+    return pd.Series(stats.spike_mask(values.to_numpy(dtype=float), rule), index=values.index, dtype=bool)
 
 
 def norm_spike_mask(norms: pd.Series) -> pd.Series:
-    """Grad-norm spikes exactly as ``gradscope recommend`` counts them."""
-    return spike_mask(norms, recommend.SPIKE_WINDOW, recommend.SPIKE_FACTOR, recommend.SPIKE_MIN_HISTORY)
+    """Grad-norm spikes exactly as ``gradscope recommend`` counts them (:data:`gradscope.stats.NORM_SPIKE`)."""
+    return spike_mask(norms, NORM_SPIKE)
 
 
 def final_loss(loss: pd.Series) -> float:
@@ -240,7 +255,7 @@ def _seed_status(seed_run: SeedRun, n_steps: int, first_bad: int | None) -> str:
     return "ok" if n_steps else "no steps"
 
 
-def analyse_seed(seed_run: SeedRun) -> SeedResult:
+def measure_seed(seed_run: SeedRun) -> SeedResult:
     """Metrics and status of one seed of one arm (``status`` says whether it enters the means)."""
     empty = pd.DataFrame({"step": [], "loss": [], "grad_norm": []})
     frame = step_frame(seed_run.run, seed_run.step_cap) if seed_run.run is not None else empty
@@ -257,12 +272,12 @@ def analyse_seed(seed_run: SeedRun) -> SeedResult:
 # --------------------------------------------------------------------------------------------------
 
 
-def analyse(seed_runs: list[SeedRun]) -> Comparison:
+def compare_arms(seed_runs: list[SeedRun]) -> Comparison:
     """Group seed runs into arms (in first-seen order), measure each, and name the best arm."""
     order: dict[str, ArmResult] = {}
     for seed_run in seed_runs:
         arm = order.setdefault(seed_run.arm, ArmResult(seed_run.arm, seed_run.max_norm, []))
-        arm.seeds.append(analyse_seed(seed_run))
+        arm.seeds.append(measure_seed(seed_run))
     for arm in order.values():
         arm.seeds.sort(key=lambda s: s.seed)
     arms = list(order.values())
@@ -299,11 +314,6 @@ def _nan_last(value: float) -> float:
     return value if math.isfinite(value) else math.inf
 
 
-def arm_title(arm: ArmResult) -> str:
-    """How an arm is named to a person: ``no clipping`` or ``max_norm=0.5``."""
-    return "no clipping" if arm.max_norm is None else f"max_norm={arm.max_norm:g}"
-
-
 def _loss_text(arm: ArmResult) -> str:
     mean, std = arm.mean("final_loss"), arm.std("final_loss")
     return f"{mean:.4g} ± {std:.2g}" if math.isfinite(std) else f"{mean:.4g}"
@@ -322,7 +332,7 @@ def verdict(arms: list[ArmResult]) -> Verdict:
     baseline = next((a for a in arms if a.arm == BASELINE), None)
     if best.arm == BASELINE:
         rival = ranked[1] if len(ranked) > 1 else None
-        head = f"best: no clipping (final loss {_loss_text(best)}); no threshold beat the unclipped baseline"
+        head = f"best: {arm_title(best)} (final loss {_loss_text(best)}); no threshold beat the unclipped baseline"
         metric = "volatility" if rival is not None and _within_noise(best, rival) else "final_loss"
         return _lead_verdict(best, rival, head, metric)
     head = f"best: {arm_title(best)} (final loss {_loss_text(best)}"

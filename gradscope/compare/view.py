@@ -19,14 +19,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from gradscope.compare.arms import ArmOutcome, ArmSpec, CompareResult, Plan, describe
+from gradscope import jsondoc
+from gradscope.compare.arms import ArmOutcome, CompareResult
 from gradscope.compare.metrics import METRICS, ArmResult, SeedResult, arm_title
+from gradscope.compare.plan import ArmSpec, Plan, describe
 
-JSON_SCHEMA = 1  # bump when a key of compare.json changes meaning or goes away
-
-
-def _title(spec: ArmSpec) -> str:
-    return "no clipping" if spec.max_norm is None else f"max_norm={spec.max_norm:g}"
+JSON_FORMAT = "gradscope-compare"
+JSON_SCHEMA_VERSION = 1  # an integer: bump when a key of compare.json changes meaning or goes away
 
 
 class ArmProgress:
@@ -58,7 +57,7 @@ class ArmProgress:
 
     def arm_started(self, spec: ArmSpec, index: int, total: int, log_path: Path) -> None:
         """A new arm's subprocess is about to start."""
-        self._label = f"arm {index + 1}/{total} {_title(spec)} seed {spec.seed}"
+        self._label = f"arm {index + 1}/{total} {arm_title(spec)} seed {spec.seed}"
         if self._progress is not None:
             self._task = self._progress.add_task(self._label, total=self.total_steps)
 
@@ -87,7 +86,7 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
     cap = f", {plan.step_cap} steps each" if plan.step_cap else ""
     auto = f" (auto = {plan.auto_max_norm:.4g}, gradscope recommend's p95)" if plan.auto_max_norm else ""
     thresholds = ", ".join(f"{t:g}" for t in plan.thresholds)
-    console.print(f"gradscope: comparing run {plan.run.id}: max_norm {thresholds}{auto} against no clipping, "
+    console.print(f"gradscope: comparing run {plan.run.id}: max_norm {thresholds}{auto} against {arm_title(None)}, "
                   f"seeds {', '.join(map(str, plan.seeds))}: {runs} runs{cap}", markup=False, highlight=False,
                   soft_wrap=True)
 
@@ -173,17 +172,6 @@ def print_report(result: CompareResult, console: Console | None = None) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN and inf become null (strict JSON has neither), paths become strings."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return str(value) if isinstance(value, Path) else value
-
-
 def _seed_json(seed: SeedResult, logs: dict[tuple[str, int], ArmOutcome], arm: str) -> dict[str, Any]:
     outcome = logs.get((arm, seed.seed))
     return {"seed": seed.seed, "run_id": seed.run_id, "status": seed.status, "error": seed.error,
@@ -205,8 +193,8 @@ def to_json(result: CompareResult) -> dict[str, Any]:
     """The whole comparison as a JSON-ready dict (the shape of compare.json; see docs/compare.md)."""
     logs = {(o.spec.arm, o.spec.seed): o for o in result.outcomes}
     verdict = result.comparison.verdict
-    return _clean({
-        "format": "gradscope-compare", "schema_version": JSON_SCHEMA, **describe(result.plan),
+    return jsondoc.document(JSON_FORMAT, JSON_SCHEMA_VERSION, {
+        **describe(result.plan),
         "notes": result.plan.notes, "out_dir": result.out_dir,
         "arms": [_arm_json(a, logs) for a in result.comparison.arms],
         "verdict": {"best": verdict.best, "exceeds_seed_spread": verdict.exceeds_spread, "gap": verdict.gap,

@@ -1,26 +1,35 @@
 """``gradscope recommend``: read a run and recommend ``max_norm``, with the evidence.
 
-Reads the store only; never imports torch.
+Reads the store only; never imports torch. The data flows through the modules in this order:
+
+* ``steps.py`` reads the steps table and picks each optimizer's used steps;
+* ``layers.py`` streams the layers table once for per-layer statistics;
+* ``analysis.py`` turns both into one :class:`Recommendation` per optimizer (:func:`recommend`);
+* ``model.py`` holds the result's dataclasses, ``view.py`` renders them (text or JSON).
 """
 
 from gradscope.recommend.analysis import (
     DEFAULT_PERCENTILE,
     PERCENTILE_METHOD,
-    SPIKE_FACTOR,
-    SPIKE_MIN_HISTORY,
-    SPIKE_WINDOW,
     SPIKES_SHOWN,
     WARMUP_MAX_STEPS,
+    recommend,
+    status_note,
+)
+from gradscope.recommend.layers import LAYER_BATCH_ROWS
+from gradscope.recommend.model import (
+    ClipRate,
+    Distribution,
+    LayerShare,
+    LayerStats,
+    NonFinite,
+    Note,
     Recommendation,
     Spike,
     Spikes,
-    analyse,
-    clip_rate,
-    percentile_of_sorted,
-    rolling_median_before,
-    status_note,
+    Warmup,
 )
 
-__all__ = ["DEFAULT_PERCENTILE", "PERCENTILE_METHOD", "SPIKES_SHOWN", "SPIKE_FACTOR", "SPIKE_MIN_HISTORY",
-           "SPIKE_WINDOW", "WARMUP_MAX_STEPS", "Recommendation", "Spike", "Spikes", "analyse", "clip_rate",
-           "percentile_of_sorted", "rolling_median_before", "status_note"]
+__all__ = ["DEFAULT_PERCENTILE", "LAYER_BATCH_ROWS", "PERCENTILE_METHOD", "SPIKES_SHOWN", "WARMUP_MAX_STEPS",
+           "ClipRate", "Distribution", "LayerShare", "LayerStats", "NonFinite", "Note", "Recommendation", "Spike",
+           "Spikes", "Warmup", "recommend", "status_note"]

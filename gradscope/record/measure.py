@@ -123,14 +123,6 @@ def write_norms(plan: NormPlan, grads: list[torch.Tensor], loss: torch.Tensor | 
         torch.stack(head, out=parts[0])
 
 
-def read_norms(plan: NormPlan, grads: list[torch.Tensor], loss: torch.Tensor | None) -> torch.Tensor:
-    """The norms of ``grads`` (and ``loss``) as one new float32 vector, in ``plan.cols`` order
-    (:func:`write_norms` into a row of its own)."""
-    out = torch.empty(plan.n + (loss is not None), dtype=torch.float32, device=plan.device)
-    write_norms(plan, grads, loss, out.split(plan.part_sizes(loss is not None)))
-    return out
-
-
 def _local(grad: torch.Tensor) -> torch.Tensor:
     # DTensor (FSDP2) grads: measure the local shard; profile mode issues no collectives.
     local = getattr(grad, "_local_tensor", None)

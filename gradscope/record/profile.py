@@ -42,18 +42,12 @@ def _say(options: ProfileOptions, message: str) -> None:
         print(f"gradscope: {message}", file=sys.stderr, flush=True)
 
 
-def _provenance(options: ProfileOptions, target: runner.Target) -> dict[str, Any]:
+def _provenance(options: ProfileOptions, target: runner.Target) -> store.Provenance:
     digest = hashlib.sha256(target.path.read_bytes()).hexdigest() if target.path.is_file() else None
-    return {
-        "target": options.target,
-        "as_module": options.as_module,
-        "script_path": str(target.path),
-        "script_sha256": digest,
-        "argv": list(target.argv),
-        "script_args": list(options.args),
-        "cwd": os.getcwd(),
-        "command": ["gradscope", "profile", *(["-m"] if options.as_module else []), options.target, *options.args],
-    }
+    command = ("gradscope", "profile", *(["-m"] if options.as_module else []), options.target, *options.args)
+    return store.Provenance(target=options.target, as_module=options.as_module, script_path=str(target.path),
+                            script_sha256=digest, argv=tuple(target.argv), script_args=tuple(options.args),
+                            cwd=os.getcwd(), command=command)
 
 
 def run_profile(options: ProfileOptions) -> int:
@@ -65,7 +59,7 @@ def run_profile(options: ProfileOptions) -> int:
 
     from gradscope.record.recorder import Recorder  # torch is imported here, after validation
 
-    recorder = Recorder(run_dir, label=label, config=options.recording, meta=_provenance(options, target))
+    recorder = Recorder(run_dir, label=label, config=options.recording, provenance=_provenance(options, target))
     recorder.start()
     store.point_latest(root, run_dir)
     os.environ["GRADSCOPE_PROFILING"] = "1"  # lets a script skip expensive evaluation while profiled

@@ -2,8 +2,9 @@
 
 The text report is built once as a list of neutral blocks (lines and tables) and then drawn either
 with rich (when stdout is a terminal) or as plain aligned text (when piped), so both show the same
-numbers. The JSON document has a ``"schema": "gradscope.recommend/1"`` key; its keys are stable and
-documented in docs/recommend.md. rich is imported only when a terminal will see it.
+numbers. The JSON document starts with ``"format": "gradscope-recommend"`` and an integer
+``"schema_version"``, as every gradscope JSON output does; its keys are stable and documented in
+docs/recommend.md. rich is imported only when a terminal will see it.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from gradscope import __version__
-from gradscope.recommend import PERCENTILE_METHOD, WARMUP_MAX_STEPS, Recommendation, Spike
+from gradscope import __version__, jsondoc
+from gradscope.recommend.analysis import PERCENTILE_METHOD, WARMUP_MAX_STEPS
+from gradscope.recommend.model import Recommendation, Spike
 
-#: Bump the number after the slash on any incompatible change to the JSON keys.
-JSON_SCHEMA = "gradscope.recommend/1"
+#: The ``format`` of the JSON document, and its ``schema_version``: bump it when a key changes
+#: meaning or goes away.
+JSON_FORMAT = "gradscope-recommend"
+JSON_SCHEMA_VERSION = 1
 #: Layers listed in the text report (the JSON lists all of them).
 LAYERS_SHOWN = 10
 CLIP_RULE = "a threshold clips a step when the step's pre-clip global norm is greater than it"
@@ -42,23 +46,11 @@ def to_json(recommendations: Sequence[Recommendation]) -> dict[str, Any]:
         for key in ("run_id", "run_path", "run_status", "complete", "status_note", "percentile", "skip_steps"):
             body.pop(key)
         per_optimizer.append(body)
-    document = {
-        "schema": JSON_SCHEMA, "gradscope_version": __version__, "run": run,
-        "percentile": first.percentile, "percentile_method": PERCENTILE_METHOD, "clip_rule": CLIP_RULE,
-        "skip_steps": first.skip_steps, "recommendations": per_optimizer,
-    }
-    return _finite(document)
-
-
-def _finite(value: Any) -> Any:
-    # JSON has no NaN or Infinity: standard parsers (jq, JavaScript) reject them.
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
+    return jsondoc.document(JSON_FORMAT, JSON_SCHEMA_VERSION, {
+        "gradscope_version": __version__, "run": run, "percentile": first.percentile,
+        "percentile_method": PERCENTILE_METHOD, "clip_rule": CLIP_RULE, "skip_steps": first.skip_steps,
+        "recommendations": per_optimizer,
+    })
 
 
 def render_json(recommendations: Sequence[Recommendation], file: TextIO | None = None) -> None:

@@ -1,0 +1,391 @@
+"""The run directory: the one package that knows how a run is laid out on disk.
+
+A run directory holds::
+
+    meta.json        provenance and status (a RunMeta), rewritten atomically (temp file + os.replace)
+    steps.parquet    one row per optimizer step per optimizer        (after compaction)
+    layers.parquet   one row per parameter tensor per step (long)    (after compaction)
+    parts/           closed part files written while the run is alive
+
+The columns and part files are :mod:`gradscope.store.tables`, meta.json's keys
+:mod:`gradscope.store.meta`; every other module imports this one only, which re-exports what they
+need. A reader falls back to the parts when compaction never happened (``kill -9``, OOM) and says
+the run is incomplete. Nothing in a run directory is ever executed: no pickle, only JSON, Arrow and
+parquet. No torch here: reporters read runs without paying for torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from gradscope.errors import GradscopeError, RunFormatError, RunNotFoundError
+from gradscope.store import tables
+from gradscope.store.meta import (
+    FORMAT_NAME,
+    SCHEMA_VERSION,
+    Clipping,
+    MetaFieldError,
+    OptimizerMeta,
+    Provenance,
+    RunMeta,
+    check_version,
+)
+from gradscope.store.tables import LAYERS_SCHEMA, STEPS_SCHEMA, TABLES
+
+RUNS_DIR_ENV = "GRADSCOPE_DIR"
+DEFAULT_RUNS_DIR = ".gradscope"
+LATEST_NAME = "latest"
+META_NAME = "meta.json"
+PARTS_DIR = "parts"
+
+
+# --------------------------------------------------------------------------------------------------
+# Locating runs
+# --------------------------------------------------------------------------------------------------
+
+
+def runs_root(runs_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The directory that holds the runs: the argument, else ``$GRADSCOPE_DIR``, else ``./.gradscope``.
+
+    Always absolute, resolved *before* the user's script runs (the script may ``chdir``).
+    """
+    chosen = runs_dir or os.environ.get(RUNS_DIR_ENV) or DEFAULT_RUNS_DIR
+    return Path(chosen).expanduser().absolute()
+
+
+def _safe_stem(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "run"
+
+
+def create_run_dir(root: Path, label: str) -> Path:
+    """Make a new, empty run directory named ``<label>-<YYYYmmdd-HHMMSS>`` under ``root``.
+
+    Raises:
+        GradscopeError: the runs directory cannot be created or written.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = f"{_safe_stem(label)}-{stamp}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1000):
+            run_dir = root / (base if attempt == 0 else f"{base}-{attempt + 1}")
+            try:
+                run_dir.mkdir()
+            except FileExistsError:
+                continue
+            (run_dir / PARTS_DIR).mkdir()
+            return run_dir
+    except OSError as exc:
+        raise GradscopeError(f"cannot write runs directory {root}: {exc.strerror or exc}") from None
+    raise GradscopeError(f"cannot find a free run name for {base} in {root}")
+
+
+def point_latest(root: Path, run_dir: Path) -> None:
+    """Point ``<root>/latest`` at ``run_dir``: a relative symlink swapped in atomically."""
+    tmp = root / f".{LATEST_NAME}.{os.getpid()}"
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(run_dir.name, tmp)
+        os.replace(tmp, root / LATEST_NAME)
+    except OSError:
+        # No symlinks (some network file systems): a text file naming the run works as well.
+        _atomic_write_text(root / LATEST_NAME, run_dir.name + "\n")
+
+
+def list_runs(root: Path) -> list[Path]:
+    """Run directories under ``root``, oldest first (by their directory's modification time)."""
+    if not root.is_dir():
+        return []
+    runs = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and (p / META_NAME).is_file()]
+    return sorted(runs, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def resolve_run(ref: str | os.PathLike[str] | None = None, runs_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Turn a run reference into a run directory.
+
+    Args:
+        ref: ``None`` for the latest run, a run id (a directory name under the runs root), or a path
+            to a run directory (or to one of its files).
+        runs_dir: the runs root; see :func:`runs_root`.
+
+    Raises:
+        RunNotFoundError: nothing matches, or no run was ever recorded.
+        RunFormatError: the path exists but is not a gradscope run.
+    """
+    root = runs_root(runs_dir)
+    if ref is None:
+        return _latest(root)
+    path = Path(ref).expanduser()
+    if path.is_file() and path.parent.joinpath(META_NAME).is_file():
+        path = path.parent  # e.g. .gradscope/<id>/steps.parquet
+    if not path.exists() and (root / str(ref)).exists():
+        path = root / str(ref)
+    if not path.exists():
+        raise RunNotFoundError(f"no run named {ref!s}: not a path, and not a run id under {root}")
+    if path.is_file():
+        raise RunFormatError(f"{path} is not a gradscope run directory (expected a directory with {META_NAME})")
+    if not (path / META_NAME).is_file():
+        raise RunFormatError(f"{path} is not a gradscope run: it has no {META_NAME}")
+    return path.resolve()
+
+
+def _latest(root: Path) -> Path:
+    link = root / LATEST_NAME
+    if link.is_symlink() or link.is_dir():
+        target = link.resolve()
+    elif link.is_file():
+        target = root / link.read_text().strip()
+    else:
+        runs = list_runs(root)
+        if not runs:
+            raise RunNotFoundError(f"no runs yet in {root}; record one with: gradscope profile train.py")
+        target = runs[-1]
+    if not (target / META_NAME).is_file():
+        raise RunNotFoundError(f"the latest run {target} is gone; name a run id or path instead")
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def write_meta(run_dir: Path, meta: RunMeta) -> None:
+    """Write meta.json atomically (temp file + ``os.replace``): a reader sees the old file or the new one."""
+    if not isinstance(meta, RunMeta):
+        raise TypeError(f"write_meta takes a RunMeta, not {type(meta).__name__}")
+    text = json.dumps(meta.to_json(), indent=2) + "\n"
+    RunMeta.from_json(json.loads(text))  # what is written must read back: a MetaFieldError here is our bug
+    _atomic_write_text(run_dir / META_NAME, text)
+
+
+class RunWriter:
+    """Appends closed Arrow part files to a run directory and compacts them into parquet at the end.
+
+    Every method is a no-op in a process other than the one that created the writer: a forked
+    child (a DataLoader worker) inherits this object, and must never write or delete the parent's
+    files. Write errors are the caller's to catch: the recorder never lets them reach the user's loop.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.parts_dir = run_dir / PARTS_DIR
+        self.parts_dir.mkdir(exist_ok=True)
+        self._pid = os.getpid()
+        self._next_part = dict.fromkeys(TABLES, 0)
+
+    def _owned(self) -> bool:
+        return os.getpid() == self._pid  # False in a forked child: look, don't touch
+
+    def write_part(self, kind: str, columns: dict[str, Any]) -> None:
+        """Write one closed part file of ``kind`` ("steps" or "layers") from column arrays."""
+        if not self._owned():
+            return
+        tables.write_part(self.parts_dir, kind, self._next_part[kind], columns)
+        self._next_part[kind] += 1
+
+    def compact(self) -> None:
+        """Stream the parts into ``steps.parquet`` and ``layers.parquet``, then delete the parts.
+
+        The final files are complete before any part is removed, so a crash here loses nothing:
+        the reader prefers a final file and ignores leftover parts next to it.
+        """
+        if not self._owned():
+            return
+        for kind in TABLES:
+            tables.compact(tables.list_parts(self.parts_dir, kind), kind, self.run_dir / f"{kind}.parquet")
+        for part in self.parts_dir.iterdir():
+            part.unlink()
+        self.parts_dir.rmdir()
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+def read_meta(run_dir: Path) -> RunMeta:
+    """Read and check meta.json.
+
+    Raises:
+        RunFormatError: not JSON, not a gradscope run, written by a newer schema, or a field is
+            missing or has the wrong type.
+    """
+    path = run_dir / META_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunFormatError(f"{path} is not a gradscope run file: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise RunFormatError(f"{path} is not a gradscope run file (no \"format\": \"{FORMAT_NAME}\")")
+    check_version(path, data.get("schema_version"), str(data.get("gradscope_version", "unknown")))
+    try:
+        return RunMeta.from_json(data)
+    except MetaFieldError as exc:
+        raise RunFormatError(f"{run_dir} is not a gradscope run: {exc}") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Run:
+    """A recorded run, as the reporters see it. Build one with :func:`load_run`.
+
+    Attributes:
+        path: the run directory.
+        meta: meta.json, typed (see :class:`RunMeta`).
+        compacted: True when the final parquet files exist; False when only parts survived.
+    """
+
+    path: Path
+    meta: RunMeta
+    compacted: bool
+    parts: dict[str, list[Path]] = field(default_factory=dict, repr=False)  # kind -> part files, when not compacted
+
+    @property
+    def id(self) -> str:
+        """The run id: the run directory's name."""
+        return self.path.name
+
+    @property
+    def status(self) -> str:
+        """``complete``, ``failed``, ``interrupted``, ``running`` (still alive), or ``killed``.
+
+        ``killed`` is a run whose meta.json still says running but whose process is gone (kill -9,
+        OOM, power loss): its data ends at the last flush.
+        """
+        if self.meta.status != "running":
+            return self.meta.status
+        pid = self.meta.pid
+        if self.meta.host == socket.gethostname() and pid is not None and _pid_alive(pid):
+            return "running"
+        return "killed"
+
+    @property
+    def complete(self) -> bool:
+        """True when the run finished (even by an exception in the script) and was compacted."""
+        return self.compacted and self.status in ("complete", "failed", "interrupted")
+
+    def _files(self, kind: str) -> list[Path]:
+        return [self.path / f"{kind}.parquet"] if self.compacted else self.parts.get(kind, [])
+
+    def read_table(self, kind: str, columns: Sequence[str] | None = None) -> pa.Table:
+        """Read ``steps`` or ``layers`` as a pyarrow Table (only ``columns`` when given)."""
+        if self.compacted:
+            return tables.read_final(self.path / f"{kind}.parquet", kind, columns)
+        return tables.read_parts(self._files(kind), kind, columns)
+
+    def iter_batches(self, kind: str, columns: Sequence[str] | None = None,
+                     batch_size: int = 1 << 20) -> Iterator[pa.RecordBatch]:
+        """Stream ``steps`` or ``layers`` in record batches, for runs too large to hold whole."""
+        return tables.iter_batches(self._files(kind), kind, columns, batch_size)
+
+    @cached_property
+    def steps(self) -> Any:
+        """``steps`` as a pandas DataFrame, sorted by optimizer and step."""
+        frame = self.read_table("steps").to_pandas()
+        return frame.sort_values(["optimizer", "step"], kind="stable").reset_index(drop=True)
+
+    @cached_property
+    def layers(self) -> Any:
+        """``layers`` as a pandas DataFrame (``layer`` is categorical). Large: prefer read_table."""
+        return self.read_table("layers").to_pandas()
+
+    def optimizer_label(self, index: int) -> str:
+        """A short human label for optimizer ``index``: ``"0 (Adam)"``."""
+        for entry in self.meta.optimizers:
+            if entry.index == index:
+                return f"{index} ({entry.class_name})"
+        return str(index)
+
+
+def load_run(ref: str | os.PathLike[str] | None = None, runs_dir: str | os.PathLike[str] | None = None) -> Run:
+    """Open a recorded run for reading.
+
+    Args:
+        ref: ``None`` for the latest run, a run id, or a run directory path.
+        runs_dir: the runs root (default ``$GRADSCOPE_DIR`` or ``./.gradscope``).
+
+    Returns:
+        A :class:`Run`; ``run.steps`` and ``run.layers`` are pandas DataFrames, ``run.meta`` the
+        metadata, ``run.complete`` whether it finished and was compacted.
+
+    Raises:
+        RunNotFoundError, RunFormatError: see :func:`resolve_run` and :func:`read_meta`.
+    """
+    path = resolve_run(ref, runs_dir)
+    meta = read_meta(path)
+    compacted = all((path / f"{kind}.parquet").is_file() for kind in TABLES)
+    parts = {} if compacted else {kind: tables.list_parts(path / PARTS_DIR, kind) for kind in TABLES}
+    return Run(path=path, meta=meta, compacted=compacted, parts=parts)
+
+
+class StepCounter:
+    """Counts the ``steps`` rows a run directory holds so far, while the run writes it.
+
+    Cheap enough to poll: each closed part's row count is read once, from its footer; files being
+    written (dot-prefixed temp names) are never listed.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self._rows: dict[Path, int] = {}
+
+    def count(self) -> int:
+        """Rows written so far, over all optimizers: the whole table once the run is compacted.
+
+        Raises:
+            RunFormatError: a file cannot be read even after looking again (not a gradscope file).
+        """
+        final = self.run_dir / "steps.parquet"
+        for _ in range(2):  # compaction may delete a part between listing and reading it: look again
+            try:
+                if final.is_file():
+                    return tables.final_rows(final)
+                parts = tables.list_parts(self.run_dir / PARTS_DIR, "steps")
+                for part in parts:
+                    if part not in self._rows:
+                        self._rows[part] = tables.part_rows(part)
+                return sum(self._rows[part] for part in parts)
+            except (OSError, pa.ArrowInvalid):
+                continue
+        raise RunFormatError(f"cannot count the steps of {self.run_dir}: its step files are not readable")
+
+
+def count_steps(run_dir: Path) -> int:
+    """``steps`` rows written so far in ``run_dir`` (see :class:`StepCounter`, for polling)."""
+    return StepCounter(run_dir).count()
+
+
+__all__ = [
+    "LAYERS_SCHEMA", "SCHEMA_VERSION", "STEPS_SCHEMA", "TABLES", "Clipping", "GradscopeError", "OptimizerMeta",
+    "Provenance", "Run", "RunMeta", "RunWriter", "StepCounter", "count_steps", "create_run_dir", "list_runs",
+    "load_run", "point_latest", "read_meta", "resolve_run", "runs_root", "write_meta",
+]

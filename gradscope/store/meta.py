@@ -1,0 +1,265 @@
+"""meta.json as a type: :class:`RunMeta` and its parts, checked field by field when read.
+
+This module holds the keys of meta.json and nothing about where files live (that is
+:mod:`gradscope.store`, which reads and writes meta.json through :meth:`RunMeta.from_json` and
+:meth:`RunMeta.to_json`). On disk meta.json is one flat JSON object, as gradscope 0.1.0 wrote it;
+in Python the provenance, the clipping and each optimizer are their own frozen dataclasses.
+
+Only ``format``, ``schema_version`` and ``status`` are required: a run recorded through the
+``Recorder`` API has no provenance, and a run written by another tool through the store API may
+name nothing but its status. Every field that is present must have its documented type.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from gradscope.errors import RunFormatError
+
+#: Bump on any change to the tables' columns or to meta.json's keys, and say what changed here.
+#: 1: first release.
+SCHEMA_VERSION = 1
+FORMAT_NAME = "gradscope-run"
+#: What meta.json's ``status`` may say. A reader adds ``killed`` (see ``store.Run.status``).
+STATUSES = ("running", "complete", "failed", "interrupted")
+
+
+def check_version(path: Path, version: Any, writer: str) -> None:
+    """Refuse a file without an integer schema version, or written by a newer schema, naming both versions."""
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise RunFormatError(f"{path} has no valid schema version; it was not written by gradscope")
+    if version > SCHEMA_VERSION:
+        raise RunFormatError(
+            f"{path} was written by gradscope {writer} (schema {version}); "
+            f"this gradscope reads schema {SCHEMA_VERSION} and older: upgrade gradscope to read it"
+        )
+
+
+class MetaFieldError(ValueError):
+    """A meta.json field is missing or has the wrong type; the message names the field."""
+
+
+class Kind(NamedTuple):
+    """What a field may hold: a test on the JSON value, its description, and the Python value it becomes."""
+
+    text: str
+    test: Callable[[Any], bool]
+    convert: Callable[[Any], Any] = lambda value: value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not the integer 1
+
+
+def optional(kind: Kind) -> Kind:
+    """``kind`` or JSON null (None)."""
+    return Kind(f"{kind.text} or null", lambda v: v is None or kind.test(v),
+                lambda v: None if v is None else kind.convert(v))
+
+
+def list_of(kind: Kind, text: str) -> Kind:
+    """A JSON list whose every item is ``kind``; a tuple in Python (meta is read-only)."""
+    return Kind(text, lambda v: isinstance(v, list) and all(kind.test(x) for x in v),
+                lambda v: tuple(kind.convert(x) for x in v))
+
+
+STR = Kind("a string", lambda v: isinstance(v, str))
+INT = Kind("an integer", _is_int)
+NUMBER = Kind("a number", lambda v: _is_int(v) or isinstance(v, float), float)
+BOOL = Kind("true or false", lambda v: isinstance(v, bool))
+STATUS = Kind(f"one of {', '.join(STATUSES)}", lambda v: v in STATUSES)
+STRINGS = list_of(STR, "a list of strings")
+INTS = list_of(INT, "a list of integers")
+SHAPES = list_of(INTS, "a list of shapes (lists of integers)")
+ALIASES = Kind("an object of lists of strings",
+               lambda v: isinstance(v, dict) and all(STRINGS.test(x) for x in v.values()),
+               lambda v: {str(k): STRINGS.convert(x) for k, x in v.items()})
+ANY = Kind("anything", lambda v: True)
+_REQUIRED: Any = object()
+
+
+class Fields:
+    """One JSON object of meta.json, read field by field; a bad field raises :class:`MetaFieldError`."""
+
+    def __init__(self, data: Any, name: str = "") -> None:
+        if not isinstance(data, dict):
+            raise MetaFieldError(f"meta.json {'field ' + name if name else 'top level'} must be an object, "
+                                 f"not {_shown(data)}")
+        self.data, self.prefix = data, f"{name}." if name else ""
+
+    def take(self, key: str, kind: Kind, default: Any = _REQUIRED) -> Any:
+        """The value of ``key`` converted to Python; ``default`` when absent (no default: required)."""
+        if key not in self.data:
+            if default is _REQUIRED:
+                raise MetaFieldError(f"meta.json field {self.prefix}{key} is missing")
+            return default
+        value = self.data[key]
+        if not kind.test(value):
+            raise MetaFieldError(f"meta.json field {self.prefix}{key} must be {kind.text}, not {_shown(value)}")
+        return kind.convert(value)
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What ``gradscope profile`` ran, so that ``compare`` can run it again."""
+
+    target: str  # the script path or module name, as given
+    as_module: bool
+    script_path: str  # the file that ran (a module's resolved file)
+    script_sha256: str | None  # None when the target is not a plain file
+    argv: tuple[str, ...]  # sys.argv as the script saw it
+    script_args: tuple[str, ...]
+    cwd: str
+    command: tuple[str, ...]  # the gradscope command line that recorded the run
+
+    KEYS = ("target", "as_module", "script_path", "script_sha256", "argv", "script_args", "cwd", "command")
+
+    @classmethod
+    def read(cls, fields: Fields) -> Provenance | None:
+        """The provenance in meta.json's top level, or None for a run recorded without ``gradscope profile``."""
+        if "target" not in fields.data:
+            return None
+        take = fields.take
+        return cls(take("target", STR), take("as_module", BOOL), take("script_path", STR),
+                   take("script_sha256", optional(STR), None), take("argv", STRINGS),
+                   take("script_args", STRINGS), take("cwd", STR), take("command", STRINGS))
+
+    def to_json(self) -> dict[str, Any]:
+        """The provenance keys of meta.json."""
+        return {key: _plain(getattr(self, key)) for key in self.KEYS}
+
+
+@dataclass(frozen=True)
+class Clipping:
+    """The clipping in effect: the script's own (as last seen) and gradscope's injected threshold."""
+
+    script_max_norm: float | None = None  # max_norm of the script's last clipping call
+    script_clip_function: str | None = None  # e.g. "clip_grad_norm_"
+    script_clip_calls: int = 0
+    injected_max_norm: float | None = None  # ``--max-norm``: clipping gradscope added before each step
+    script_clip_disabled: bool = False  # ``--no-clip``: the script's calls measured, not applied
+
+    @classmethod
+    def read(cls, fields: Fields) -> Clipping:
+        """Read the ``clipping`` object (every key optional)."""
+        take = fields.take
+        return cls(take("script_max_norm", optional(NUMBER), None), take("script_clip_function", optional(STR), None),
+                   take("script_clip_calls", INT, 0), take("injected_max_norm", optional(NUMBER), None),
+                   take("script_clip_disabled", BOOL, False))
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``clipping`` object of meta.json."""
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class OptimizerMeta:
+    """One optimizer slot: the ``optimizer`` column of the tables indexes these."""
+
+    index: int
+    class_name: str  # "class" in meta.json: the optimizer's class, or "manual" for a hand-written update
+    names: tuple[str, ...] = ()  # parameter names, in the optimizer's order
+    shapes: tuple[tuple[int, ...], ...] = ()
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # name -> other names of the same tensor
+
+    @property
+    def n_tensors(self) -> int:
+        """How many parameter tensors the optimizer updates."""
+        return len(self.names)
+
+    @classmethod
+    def read(cls, fields: Fields) -> OptimizerMeta:
+        """Read one entry of ``optimizers`` (``index`` and ``class`` required)."""
+        take = fields.take
+        take("n_tensors", INT, 0)  # checked, not kept: it is len(names)
+        return cls(take("index", INT), take("class", STR), take("names", STRINGS, ()),
+                   take("shapes", SHAPES, ()), take("aliases", ALIASES, {}))
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry of meta.json's ``optimizers`` list."""
+        return {"index": self.index, "class": self.class_name, "n_tensors": self.n_tensors, "names": list(self.names),
+                "shapes": _plain(self.shapes), "aliases": {k: list(v) for k, v in self.aliases.items()}}
+
+
+@dataclass(frozen=True)
+class RunMeta:
+    """Everything meta.json says about a run. Read it with :meth:`from_json`, write it with :meth:`to_json`."""
+
+    status: str  # running | complete | failed | interrupted
+    gradscope_version: str | None = None
+    torch_version: str | None = None
+    python_version: str | None = None
+    run_id: str | None = None
+    label: str | None = None
+    provenance: Provenance | None = None  # None: recorded through the Recorder API, not ``gradscope profile``
+    seed: int | None = None  # the first torch.manual_seed of the run (``--seed`` when given)
+    seeds_seen: tuple[int, ...] = ()  # the first 20 torch.manual_seed arguments
+    norm_type: float = 2.0
+    clipping: Clipping = field(default_factory=Clipping)
+    optimizers: tuple[OptimizerMeta, ...] = ()
+    flush_every: int | None = None
+    start_time: str | None = None  # ISO 8601, UTC
+    end_time: str | None = None
+    exit_code: int | None = None
+    error: str | None = None  # "ExceptionType: message" of a failed run
+    n_steps: int | None = None  # rows recorded, over all optimizers
+    host: str | None = None
+    pid: int | None = None
+    format: str = FORMAT_NAME
+    schema_version: int = SCHEMA_VERSION
+    extra: Mapping[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
+
+    #: Top-level keys read into plain fields, and their kinds.
+    SCALARS = {"gradscope_version": optional(STR), "torch_version": optional(STR), "python_version": optional(STR),
+               "run_id": optional(STR), "label": optional(STR), "seed": optional(INT), "seeds_seen": INTS,
+               "norm_type": NUMBER, "flush_every": optional(INT), "start_time": optional(STR),
+               "end_time": optional(STR), "exit_code": optional(INT), "error": optional(STR),
+               "n_steps": optional(INT), "host": optional(STR), "pid": optional(INT)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> RunMeta:
+        """Check and convert meta.json's parsed JSON.
+
+        Raises:
+            MetaFieldError: a field is missing or has the wrong type (the message names it).
+        """
+        fields = Fields(data)
+        values = {key: fields.take(key, kind, None) for key, kind in cls.SCALARS.items() if key in data}
+        optimizers = fields.take("optimizers", list_of(ANY, "a list"), ())
+        known = {*cls.SCALARS, *Provenance.KEYS, "format", "schema_version", "status", "clipping", "optimizers"}
+        return cls(status=fields.take("status", STATUS), provenance=Provenance.read(fields),
+                   clipping=Clipping.read(Fields(data.get("clipping", {}), "clipping")),
+                   optimizers=tuple(OptimizerMeta.read(Fields(entry, f"optimizers[{k}]"))
+                                    for k, entry in enumerate(optimizers)),
+                   format=fields.take("format", STR), schema_version=fields.take("schema_version", INT),
+                   extra={k: v for k, v in data.items() if k not in known}, **values)
+
+    def to_json(self) -> dict[str, Any]:
+        """meta.json's JSON object: flat, in the order gradscope has always written it."""
+        head = {"format": self.format, "schema_version": self.schema_version}
+        for key in ("gradscope_version", "torch_version", "python_version", "run_id", "label"):
+            head[key] = getattr(self, key)
+        tail = {key: _plain(getattr(self, key)) for key in self.SCALARS if key not in head}
+        tail["clipping"] = self.clipping.to_json()
+        tail["optimizers"] = [o.to_json() for o in self.optimizers]
+        tail["status"] = self.status
+        order = ("seed", "seeds_seen", "norm_type", "clipping", "optimizers", "flush_every", "start_time",
+                 "end_time", "status", "exit_code", "error", "n_steps", "host", "pid")
+        provenance = self.provenance.to_json() if self.provenance is not None else {}
+        return {**head, **provenance, **{key: tail[key] for key in order}, **self.extra}
+
+
+def _plain(value: Any) -> Any:
+    """Tuples (nested ones too) as JSON lists."""
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
