@@ -5,6 +5,7 @@ Torch-free: ``gradscope.cli`` and ``gradscope.compare`` import this module witho
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -13,6 +14,58 @@ from dataclasses import dataclass, field
 DEFAULT_FLUSH_EVERY = 100
 #: Parts are also at least this many seconds apart (fewer, larger files on fast loops).
 DEFAULT_FLUSH_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """A clipping threshold per optimizer: ``X`` for every optimizer, or ``X/Y/...`` by optimizer index.
+
+    The index is the one ``gradscope recommend`` shows for each optimizer (the order in which the
+    script's optimizers first stepped). An optimizer past the end of a ``X/Y`` list is not clipped.
+    """
+
+    values: tuple[float, ...]
+    for_all: bool  # True: values holds one threshold that applies to every optimizer
+
+    def of(self, optimizer: int) -> float | None:
+        """The threshold of optimizer ``optimizer``, or None when it is not clipped."""
+        if self.for_all:
+            return self.values[0]
+        return self.values[optimizer] if optimizer < len(self.values) else None
+
+    def text(self) -> str:
+        """The option's text for these thresholds (``1`` or ``1/5``), as :func:`parse_thresholds` reads it."""
+        return "/".join(f"{v!r}" for v in self.values)
+
+    @classmethod
+    def every(cls, value: float) -> Thresholds:
+        """One threshold for every optimizer."""
+        return cls((float(value),), True)
+
+    @classmethod
+    def per_optimizer(cls, values: list[float]) -> Thresholds:
+        """One threshold per optimizer index (a single value still means optimizer 0 only)."""
+        return cls(tuple(float(v) for v in values), False)
+
+
+def parse_thresholds(text: str, option: str = "--max-norm") -> Thresholds:
+    """Read ``X`` (every optimizer) or ``X/Y/...`` (one per optimizer index): positive finite numbers.
+
+    Raises:
+        ValueError: with a one-line message naming ``option`` and the bad item.
+    """
+    items = [item.strip() for item in str(text).split("/")]
+    values = []
+    for item in items:
+        try:
+            value = float(item)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{option} takes a positive number, or one per optimizer separated by '/' "
+                             f"(e.g. 1.0/5.0); {item!r} is not a positive finite number")
+        values.append(value)
+    return Thresholds.every(values[0]) if len(values) == 1 else Thresholds.per_optimizer(values)
 
 
 @dataclass
