@@ -88,11 +88,21 @@ def profile(
         ),
     ] = DEFAULT_FLUSH_EVERY,
     max_norm: Annotated[
-        float | None,
+        str | None,
         typer.Option(
             "--max-norm",
             help="Inject clip_grad_norm_(params, MAX_NORM) before every optimizer step, replacing the script's own "
-            "clipping. Used by gradscope compare; useful by hand to try a threshold.",
+            "clipping: one positive number for every optimizer, or one per optimizer index separated by '/' "
+            "(1/5: optimizer 0 at 1, optimizer 1 at 5). Used by gradscope compare; useful by hand to try a threshold.",
+            show_default=False,
+        ),
+    ] = None,
+    clip_value: Annotated[
+        str | None,
+        typer.Option(
+            "--clip-value",
+            help="Inject clip_grad_value_(params, CLIP_VALUE) before every optimizer step, replacing the script's "
+            "own clipping as --max-norm does (both: the value clip first).",
             show_default=False,
         ),
     ] = None,
@@ -136,11 +146,18 @@ def profile(
     Records the global gradient norm before clipping, per-layer norms, loss, learning rate, clipping,
     GradScaler scale and skipped steps to a run directory (parquet). The script is not modified.
     """
-    from gradscope.record.config import ProfileOptions, RecorderConfig
+    from gradscope.errors import UsageError
+    from gradscope.record.config import ProfileOptions, RecorderConfig, parse_clip_value, parse_thresholds
     from gradscope.record.profile import run_profile
 
-    recording = RecorderConfig(flush_every=flush_every, inject_max_norm=max_norm,
-                               disable_script_clip=no_clip or max_norm is not None, seed=seed,
+    try:  # a bad value stops here, before the script runs
+        thresholds = parse_thresholds(max_norm, "--max-norm") if max_norm is not None else None
+        value = parse_clip_value(clip_value, "--clip-value") if clip_value is not None else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    injecting = thresholds is not None or value is not None
+    recording = RecorderConfig(flush_every=flush_every, inject_max_norm=thresholds, inject_clip_value=value,
+                               disable_script_clip=no_clip or injecting, seed=seed,
                                max_steps=max_steps, max_time=max_time)
     options = ProfileOptions(target=script, args=list(script_args or []), as_module=module, runs_dir=runs_dir,
                              label=label, quiet=quiet, recording=recording)
@@ -163,7 +180,7 @@ def recommend(
     ] = 95.0,
     skip_steps: Annotated[
         int,
-        typer.Option(min=0, help="Leave each optimizer's first N steps (warm-up) out of the analysis."),
+        typer.Option(min=0, help="Leave each optimizer's first N steps (an lr warm-up) out of the analysis."),
     ] = 0,
     optimizer: Annotated[
         int | None,
@@ -188,9 +205,10 @@ def recommend(
 
     By default max_norm is the 95th percentile (numpy's linear interpolation) of the pre-clip global
     gradient norm over the finite steps GradScaler did not skip. The report shows the distribution, what
-    candidate thresholds would clip, spikes and the layers behind them, the first non-finite step,
-    warm-up, and per-layer norms. Exit codes: 0 ok, 1 no such run or not readable, 2 bad option, 3 no
-    usable steps.
+    candidate thresholds would clip, spikes and the layers behind them, the first non-finite step, the
+    first steps (an lr warm-up, or the early steps), per-layer norms, and the caveats that apply: too
+    few steps, a closure optimizer (LBFGS), a script that clips by value (with a clip_grad_value_
+    threshold too). Exit codes: 0 ok, 1 no such run or not readable, 2 bad option, 3 no usable steps.
     """
     from gradscope import plots, store
     from gradscope.recommend import recommend as recommend_max_norm
@@ -216,18 +234,29 @@ def recommend(
 def compare(
     run: RunArg = None,
     max_norm: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--max-norm",
-            help="Thresholds to try, separated by commas: positive numbers, or auto for the max_norm that "
-            "gradscope recommend gives (its default rule, p95). Several values make a sweep.",
+            help="Thresholds to try, separated by commas: a positive number (every optimizer), one per optimizer "
+            "separated by '/' (1/5: optimizer 0 at 1, optimizer 1 at 5), or auto (each optimizer's own gradscope "
+            "recommend max_norm, p95). Several values make a sweep. Default auto, unless --clip-value is given.",
+            show_default=False,
         ),
-    ] = "auto",
+    ] = None,
+    clip_value: Annotated[
+        str | None,
+        typer.Option(
+            "--clip-value",
+            help="Also try clip_grad_value_ at these thresholds, separated by commas: positive numbers, or auto "
+            "(gradscope recommend's value-clipping threshold, when it gives one).",
+            show_default=False,
+        ),
+    ] = None,
     seeds: Annotated[
         int,
-        typer.Option(min=1, help="Run every arm with this many seeds (the recorded seed, +1, +2...) and report "
-                                 "mean and spread, so the verdict can tell an effect from seed noise."),
-    ] = 1,
+        typer.Option(min=1, help="Run every arm with this many seeds (the recorded seed, +1, +2...), paired "
+                                 "across arms. The verdict claims an effect only with 3 or more."),
+    ] = 3,
     steps: Annotated[
         int | None,
         typer.Option(min=1, help="Stop each arm cleanly after this many optimizer steps. Defaults to the "
@@ -238,11 +267,20 @@ def compare(
         typer.Option(min=0.0, help="Stop each arm cleanly at its first optimizer step after this many seconds.",
                      show_default=False),
     ] = None,
+    python: Annotated[
+        str | None,
+        typer.Option("--python", help="Run the arms with this Python interpreter. Defaults to the one that "
+                                      "recorded the run.", show_default=False),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Directory for the arm logs, the plots and compare.json. Defaults to a new "
                                    "compare-TIME directory in the runs directory.", show_default=False),
     ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the plan (every arm's command, directory and interpreter) and run nothing."),
+    ] = False,
     as_json: Annotated[
         bool,
         typer.Option("--json", help="Print the comparison as one JSON document instead of the table."),
@@ -252,17 +290,22 @@ def compare(
     """Rerun the script of RUN with clipping injected before every optimizer step, and compare.
 
     Each arm is a fresh [bold]gradscope profile[/bold] of the recorded command (same arguments, working
-    directory and seed), one at a time, with its output in a log file. The unclipped baseline is the
-    recorded run when it was seeded and unclipped, else a baseline arm with the script's own clipping
-    disabled. Prints a table per arm, a verdict, and writes loss and gradient-norm plots.
-    Exit codes: 0 ok (also when an arm crashed or diverged: the table says so), 1 no such run, script
-    gone or every arm failed, 2 bad option, 3 no steps to recommend from, 130 Ctrl-C.
+    directory, interpreter and seed), one at a time, with its output in a log file. The unclipped
+    baseline is the recorded run when it was seeded and unclipped, else a baseline arm with the
+    script's own clipping disabled. Prints a table per arm and optimizer, a verdict from a paired t
+    interval over seeds, and writes loss and gradient-norm plots.
+    Exit codes: 0 ok (also when an arm crashed, diverged or could not be injected: the table says so),
+    1 no such run, script or interpreter gone, or every arm failed, 2 bad option, 3 no steps to
+    recommend from, 130 Ctrl-C.
     """
     from gradscope.compare import CompareOptions, plan_compare, run_compare, view
 
-    options = CompareOptions(run=run, runs_dir=runs_dir, max_norm=max_norm, seeds=seeds, steps=steps,
-                             max_time=max_time, out_dir=out)
+    options = CompareOptions(run=run, runs_dir=runs_dir, max_norm=max_norm or (None if clip_value else "auto"),
+                             clip_value=clip_value, seeds=seeds, steps=steps, max_time=max_time, out_dir=out,
+                             python=python)
     plan = plan_compare(options)
+    if dry_run:
+        raise typer.Exit(view.dry_run(plan, as_json=as_json))
     view.print_plan(plan)
     with view.ArmProgress(plan.step_cap) as progress:
         result = run_compare(plan, progress)

@@ -160,31 +160,39 @@ def _arm_color(index: int) -> str:
     return f"C{index % 10}"  # the same colour for an arm in both compare plots
 
 
+def _compare_panels(comparison: Comparison) -> list[tuple[int, str, list[ArmResult]]]:
+    """(optimizer, name, its arms) for every optimizer compared: one panel each."""
+    return [(k, name, comparison.of(k)) for k, name in comparison.names.items()]
+
+
 def plot_compare_loss(comparison: Comparison, path: str | Path | None = None) -> Figure:
-    """Loss per step of every arm and seed on one axis: raw (faint) and smoothed (solid).
+    """Loss per step of every arm and seed, one axis per optimizer: raw (faint) and smoothed (solid).
 
-    Two lines per seed that recorded steps (raw, then smoothed), one legend entry per arm. The y
-    axis is logarithmic when every finite loss is positive, so spikes do not flatten the rest.
-    Non-finite losses are gaps, with an ``x`` where a seed first diverged. Saved when ``path`` is given.
+    Two lines per seed that recorded steps (raw, then the smoothed loss whose last value is the
+    final loss), one legend entry per arm. An axis is logarithmic when every finite loss on it is
+    positive, so spikes do not flatten the rest. Non-finite losses are gaps, with an ``x`` where a
+    seed first diverged. Saved when ``path`` is given.
     """
-    from gradscope.compare.metrics import arm_title, smooth_window
+    from gradscope.compare.metrics import smooth_window
 
-    fig = new_figure(10.0, 5.5)
-    ax = fig.add_subplot()
-    positive, window = True, 5
-    for index, arm in enumerate(comparison.arms):
-        for k, seed in enumerate(s for s in arm.seeds if s.n_steps):
-            loss = seed.frame["loss"].astype(float)
-            positive = positive and bool((loss[np.isfinite(loss)] > 0).all())
-            window = smooth_window(len(loss))
-            _draw_loss(ax, seed, _arm_color(index), None if k else arm_title(arm))
-    if positive and any(s.n_steps for a in comparison.arms for s in a.seeds):
-        ax.set_yscale("log")
-    ax.set(xlabel="optimizer step", ylabel="loss",
-           title=f"Loss per step: raw (faint) and trailing mean over {window} steps (solid)")
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper right", fontsize="small")
+    panels = _compare_panels(comparison)
+    fig = new_figure(10.0, 1.0 + 4.5 * max(1, len(panels)))
+    axes = fig.subplots(max(1, len(panels)), 1, squeeze=False)[:, 0]
+    for ax, (_, name, arms) in zip(axes, panels, strict=False):
+        positive, window = True, 1
+        for index, arm in enumerate(arms):
+            for k, seed in enumerate(s for s in arm.seeds if s.n_steps):
+                loss = seed.frame["loss"].astype(float)
+                positive = positive and bool((loss[np.isfinite(loss)] > 0).all())
+                window = smooth_window(len(loss))
+                _draw_loss(ax, seed, _arm_color(index), None if k else arm.title)
+        if positive and any(s.n_steps for a in arms for s in a.seeds):
+            ax.set_yscale("log")
+        ax.set(xlabel="optimizer step", ylabel="loss",
+               title=f"{name}: loss per step, raw (faint) and trailing mean over {window} steps (solid)")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right", fontsize="small")
     if path is not None:
         save_figure(fig, path)
     return fig
@@ -196,7 +204,7 @@ def _draw_loss(ax: Axes, seed: SeedResult, color: str, label: str | None) -> Non
     steps, loss = seed.frame["step"].to_numpy(), seed.frame["loss"].astype(float)
     finite = np.isfinite(loss)
     ax.plot(steps, loss.where(finite).to_numpy(), color=color, alpha=0.22, linewidth=0.7)
-    ax.plot(steps, smoothed(loss).where(finite).to_numpy(), color=color, linewidth=1.7, label=label)
+    ax.plot(steps, smoothed(loss).to_numpy(), color=color, linewidth=1.7, label=label)
     if seed.first_nonfinite_step is not None and finite.any():  # a marker (a collection, not a line)
         ax.scatter([seed.first_nonfinite_step], [loss[finite].max()], marker="x", color=color, s=60)
 
@@ -211,39 +219,42 @@ def _draw_norms(ax: Axes, arm: ArmResult, color: str) -> None:
 
 
 def _draw_thresholds(ax: Axes, arm: ArmResult, thresholds: list[tuple[int, float]]) -> None:
-    """The arm's own threshold (dashed); on the baseline's axis, every arm's threshold (dotted)."""
+    """The arm's own threshold for this optimizer (dashed); on the baseline's axis, every arm's (dotted)."""
     if arm.max_norm is not None:
         ax.axhline(arm.max_norm, color="black", linestyle="--", linewidth=1.2, label=f"max_norm={arm.max_norm:g}")
         return
+    if not arm.is_baseline:
+        return  # a value-clipping arm has no norm threshold to draw
     for index, value in thresholds:
         ax.axhline(value, color=_arm_color(index), linestyle=":", linewidth=1.2, label=f"max_norm={value:g}")
 
 
 def plot_compare_grad_norm(comparison: Comparison, path: str | Path | None = None) -> Figure:
-    """Pre-clip global gradient norm per step, one axis per arm (shared, logarithmic y).
+    """Pre-clip global gradient norm per step: one row per arm, one column per optimizer (log y).
 
-    Each axis has one line per seed that recorded steps, plus its threshold as a dashed horizontal
-    line; the baseline's axis draws every threshold (dotted), to show where each would cut the
-    unclipped norms. Saved when ``path`` is given.
+    Each axis has one line per seed that recorded steps, plus that optimizer's threshold in the arm
+    as a dashed horizontal line; the baseline's axes draw every arm's threshold (dotted), to show
+    where each would cut the unclipped norms. Saved when ``path`` is given.
     """
-    from gradscope.compare.metrics import arm_title
-
-    arms = comparison.arms
-    fig = new_figure(10.0, 1.0 + 2.4 * max(1, len(arms)))
-    axes = fig.subplots(max(1, len(arms)), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
-    thresholds = [(index, a.max_norm) for index, a in enumerate(arms) if a.max_norm is not None]
-    for index, (ax, arm) in enumerate(zip(axes, arms, strict=False)):
-        _draw_norms(ax, arm, _arm_color(index))
-        _draw_thresholds(ax, arm, thresholds)
-        ax.set_title(arm_title(arm), loc="left", fontsize=10)
-        ax.set_ylabel("grad norm")
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="upper right", fontsize="small")
-    if any(s.n_steps for a in arms for s in a.seeds):
-        axes[0].set_yscale("log")
-    axes[-1].set_xlabel("optimizer step")
-    fig.suptitle("Global gradient norm before clipping, per arm")
+    panels = _compare_panels(comparison)
+    n_rows = max((len(arms) for _, _, arms in panels), default=1)
+    fig = new_figure(10.0 if len(panels) < 2 else 7.0 * len(panels), 1.0 + 2.4 * max(1, n_rows))
+    grid = fig.subplots(max(1, n_rows), max(1, len(panels)), sharex="col", sharey="col", squeeze=False)
+    for col, (_, name, arms) in enumerate(panels):
+        thresholds = [(i, a.max_norm) for i, a in enumerate(arms) if a.max_norm is not None]
+        for row, arm in enumerate(arms):
+            ax = grid[row, col]
+            _draw_norms(ax, arm, _arm_color(row))
+            _draw_thresholds(ax, arm, thresholds)
+            ax.set_title(f"{arm.title}: {name}" if len(panels) > 1 else arm.title, loc="left", fontsize=10)
+            ax.set_ylabel("grad norm")
+            ax.grid(True, alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(loc="upper right", fontsize="small")
+        if any(s.n_steps for a in arms for s in a.seeds):
+            grid[0, col].set_yscale("log")
+        grid[-1, col].set_xlabel("optimizer step")
+    fig.suptitle("Global gradient norm before clipping, per arm" + (" and optimizer" if len(panels) > 1 else ""))
     if path is not None:
         save_figure(fig, path)
     return fig

@@ -1,7 +1,8 @@
 """`make demo`'s flow on the bundled sample: profile -> recommend -> compare, checked through --json.
 
-The seed texts' promise is the acceptance check: clipping the RNN at the recommended max_norm gives
-fewer spikes and a smoother loss curve than not clipping. Every number comes from real training runs
+The acceptance check: recommend's advice and the demo agree (the sample's large norms are early steps
+at a constant lr, not a warm-up to skip), and clipping the RNN at the recommended max_norm gives a
+smoother loss curve, with no more loss spikes, than not clipping. Every number comes from real training runs
 of `sample_runs/rnn_exploding.py` in subprocesses of the CLI.
 """
 
@@ -33,6 +34,13 @@ def test_demo_flow_clipping_gives_a_smoother_loss(tmp_path: Path) -> None:
     _cli(["profile", "-q", "sample_runs/rnn_exploding.py"], runs)
     recommended = json.loads(_cli(["recommend", "--json"], runs).stdout)
     max_norm = recommended["recommendations"][0]["max_norm"]
+    # The demo follows its own advice: the sample's large norms come in its early steps at a constant
+    # lr, which the report names as such (not a warm-up to skip), so the value compared is the one it
+    # recommends, unadjusted.
+    slugs = {note["slug"] for note in recommended["recommendations"][0]["notes"]}
+    assert "early-steps-dominate" in slugs and "warmup-dominates" not in slugs
+    report = _cli(["recommend"], runs).stdout
+    assert "the recommendation stands" in report and "try --skip-steps" not in report
     norms = gradscope.load_run(runs_dir=runs).steps["grad_norm"].to_numpy()
     assert max_norm == np.percentile(norms[np.isfinite(norms)], 95)
 
@@ -40,13 +48,16 @@ def test_demo_flow_clipping_gives_a_smoother_loss(tmp_path: Path) -> None:
     arms = {arm["arm"]: arm for arm in compared["arms"]}
     baseline = arms.pop("baseline")
     (clipped,) = arms.values()
-    assert clipped["max_norm"] == max_norm and clipped["n_finished"] == baseline["n_finished"] == 2
+    assert clipped["max_norm"] == [max_norm]  # one threshold per optimizer: the one recommended, unadjusted
+    (base,), (clip,) = baseline["optimizers"], clipped["optimizers"]
+    assert clip["n_finished"] == base["n_finished"] == 2
     # The effect the demo shows: a smoother loss. Spike counts are small and depend on the machine's
     # float rounding (a chaotic RNN: 17.5 vs 0.5 loss spikes on one machine, 5 vs 0 on another), and the
     # pre-clip norm of a clipped run may still spike, so counts are only required not to get worse.
-    assert clipped["mean"]["volatility"] < baseline["mean"]["volatility"]
-    assert clipped["mean"]["loss_spikes"] <= baseline["mean"]["loss_spikes"]
-    assert 0 < clipped["mean"]["clipped_fraction"] < 0.2  # a spike guard: it acts on a few steps only
-    assert compared["verdict"]["best"] == clipped["title"]
+    assert clip["mean"]["volatility"] < base["mean"]["volatility"]
+    assert clip["mean"]["loss_spikes"] <= base["mean"]["loss_spikes"]
+    assert 0 < clip["mean"]["clipped_fraction"] < 0.2  # a spike guard: it acts on a few steps only
+    # Two seeds support no claim about the final loss: the verdict must say so rather than pick a winner.
+    assert [effect["claim"] for effect in compared["verdict"]["effects"]] == ["indicative only"]
     for plot in compared["plots"].values():
         assert Path(plot).stat().st_size > 10_000

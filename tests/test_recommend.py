@@ -51,7 +51,8 @@ def write_run(root: Path, optimizers: list[dict[str, Any]], *, parts: int = 3, c
     """A run directory with these optimizers' steps, split into ``parts`` part files."""
     rng = np.random.default_rng(seed)
     run_dir = store.create_run_dir(root, "synthetic")
-    described = tuple(store.OptimizerMeta(k, f"Opt{k}", tuple(o["names"])) for k, o in enumerate(optimizers))
+    described = tuple(store.OptimizerMeta(k, o.get("class_name", f"Opt{k}"), tuple(o["names"]),
+                                           n_evaluations=o.get("n_evaluations", 0)) for k, o in enumerate(optimizers))
     store.write_meta(run_dir, store.RunMeta(status=status, pid=DEAD_PID, host="elsewhere", norm_type=2.0,
                                             optimizers=described, **(meta or {})))
     writer = store.RunWriter(run_dir)
@@ -89,7 +90,10 @@ def _layers_part(opt: dict[str, Any], k: int, rows: np.ndarray, rng: np.random.G
     if rng is not None:  # an irregular layout: rows of a part in any order
         order = rng.permutation(len(step))
         step, layer, norm = step[order], layer[order], norm[order]
-    return {"step": step, "optimizer": [k] * len(step), "layer": list(layer), "norm": norm}
+    max_abs = opt["max_abs"][rows].reshape(-1) if "max_abs" in opt else [None] * len(step)
+    if rng is not None:
+        max_abs = np.asarray(max_abs)[order]
+    return {"step": step, "optimizer": [k] * len(step), "layer": list(layer), "norm": norm, "max_abs": max_abs}
 
 
 def lognormal(steps: int, layers: int, seed: int = 0, sigma: float = 0.2) -> np.ndarray:
@@ -254,11 +258,17 @@ def test_skip_steps_leaves_warmup_out(tmp_path: Path) -> None:
     assert (skipped.distribution.n_used, skipped.distribution.n_before_skip) == (950, 50)
     layer = next(s for s in skipped.layers if s.layer == "block.0.weight")
     assert layer.p95 == np.percentile(norms[50:, 0].astype(np.float32), [95.0])[0]
-    # without --skip-steps the warm-up is found: the first 10% hold every clipped step
+    # without --skip-steps the first 10% hold every clipped step; the lr is constant, so they are the
+    # early steps, not a warm-up, and the recommendation stands
     w = full.warmup
-    assert (w.window, w.basis, w.dominates) == (100, "first-10%", True)
+    assert (w.window, w.basis, w.kind, w.dominates) == (100, "first-10%", "early-steps", True)
     assert w.tail_share == 1.0 and w.max_norm_without == np.percentile(grad[100:], 95)
-    assert "warmup-dominates" in [n.slug for n in full.notes]
+    assert (w.lr_first, w.lr_after) == (0.1, 0.1)
+    assert w.clip_rate_without == np.mean(grad[100:] > full.max_norm)
+    assert w.max_norm_without_clip_rate == np.mean(grad > w.max_norm_without)
+    (note,) = [n for n in full.notes if n.slug == "early-steps-dominate"]
+    assert "warm-up" not in [n.slug for n in full.notes] and "recommendation stands" in note.message
+    assert "no lr warm-up: lr 0.1 at the first step and after them" in note.message
     assert skipped.warmup is not None and not skipped.warmup.dominates
 
 
@@ -267,6 +277,103 @@ def test_an_lr_ramp_sets_the_warmup_window(tmp_path: Path) -> None:
     lr = np.minimum(1.0, (np.arange(400) + 1) / 40) * 1e-3  # linear warm-up to step 39
     rec = recommend_dir(write_run(tmp_path, [optimizer_data(norms, names(2), lr=lr)]))[0]
     assert (rec.warmup.window, rec.warmup.basis, rec.warmup.skip_steps) == (39, "lr-ramp", 39)
+    assert (rec.warmup.kind, rec.warmup.lr_first, rec.warmup.lr_after) == ("warm-up", lr[0], lr[39])
+
+
+def test_a_loud_lr_warmup_is_called_a_warmup_with_its_lr(tmp_path: Path) -> None:
+    norms = lognormal(400, 2, seed=5)
+    norms[:30] *= 30
+    lr = np.minimum(1.0, (np.arange(400) + 1) / 40) * 1e-3
+    run_dir = write_run(tmp_path, [optimizer_data(norms, names(2), lr=lr)])
+    (note,) = [n for n in recommend_dir(run_dir)[0].notes if n.slug == "warmup-dominates"]
+    assert "lr rises from 2.5e-05 at the first step to its peak 0.001 after 39 steps" in note.message
+    assert "try --skip-steps 39" in note.message
+    out = gradscope("recommend", str(run_dir)).stdout
+    assert "warm-up: the lr rises from 2.5e-05" in out and "early steps:" not in out
+
+
+def test_a_closure_optimizer_with_two_steps_says_so_and_claims_no_rate(tmp_path: Path) -> None:
+    norms = lognormal(2, 2, seed=8)
+    run_dir = write_run(tmp_path, [optimizer_data(norms, names(2), class_name="LBFGS", n_evaluations=37)], parts=1)
+    rec = recommend_dir(run_dir)[0]
+    assert rec.closure == recommend.Closure(n_steps=2, n_evaluations=37, per_step=18.5)
+    assert rec.intent == "too-few-steps" and "%" not in rec.intent_text
+    slugs = [n.slug for n in rec.notes]
+    assert "closure-optimizer" in slugs and "too-few-steps" in slugs
+    assert "few-steps" not in slugs and "frequent-clipping" not in slugs  # 1 of 2 steps is no clip rate
+    out = gradscope("recommend", str(run_dir)).stdout
+    assert "closure optimizer: 2 steps recorded, 37 closure evaluations (~18.5 per step)" in out
+    assert "p95 of only 2 used steps: too few to support a percentile (20 needed)" in out
+    assert "of steps here" not in out and "use (indicative only): " in out
+
+
+def test_an_older_lbfgs_run_without_evaluations_is_still_a_closure_optimizer(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path, [optimizer_data(lognormal(30, 2), names(2), class_name="LBFGS")], parts=1)
+    rec = recommend_dir(run_dir)[0]
+    assert rec.closure == recommend.Closure(n_steps=30, n_evaluations=None, per_step=None)
+    assert rec.intent == "spike-guard" and "closure-optimizer" in [n.slug for n in rec.notes]
+
+
+def test_tied_norms_never_get_an_intent_that_contradicts_the_rate(tmp_path: Path) -> None:
+    grad = np.ones(200)
+    grad[:40] = 3.0  # p95 = 3.0 clips nothing; p50 = 1.0 clips 20%, not ~50%
+    run_dir = write_run(tmp_path, [optimizer_data(lognormal(200, 2), names(2), grad_norm=grad)])
+    rec = recommend_dir(run_dir)[0]
+    assert rec.clip_rate == 0.0 and "(yet 0.0% of steps here: many steps share the same norm)" in rec.intent_text
+    rec = recommend_dir(run_dir, percentile=50.0)[0]
+    assert rec.clip_rate == 0.2 and "p50 clips ~50% of steps (yet 20.0% of steps here" in rec.intent_text
+    rec = recommend_dir(write_run(tmp_path, [optimizer_data(lognormal(200, 2), names(2))]))[0]
+    assert rec.intent_text.endswith("~5% (5.0% of steps here)")
+
+
+def value_run(tmp_path: Path, clip_value: float | None = 0.5, injected: float | None = None) -> tuple[Path, np.ndarray]:
+    """300 steps x 3 layers whose per-layer max |g| is recorded, and meta.json naming the value clipping."""
+    rng = np.random.default_rng(9)
+    max_abs = rng.lognormal(-1.0, 0.5, (300, 3)).astype(np.float32)
+    clipping = store.Clipping(script_clip_value=clip_value, injected_clip_value=injected,
+                              script_clip_function="clip_grad_value_" if clip_value else None)
+    run_dir = write_run(tmp_path, [optimizer_data(lognormal(300, 3), names(3), max_abs=max_abs)],
+                        meta={"clipping": clipping})
+    return run_dir, max_abs.max(axis=1).astype(np.float64)
+
+
+def test_a_value_clipping_run_gets_a_clip_value_and_the_scripts_count(tmp_path: Path) -> None:
+    run_dir, largest = value_run(tmp_path)
+    rec = recommend_dir(run_dir)[0]
+    v = rec.value_clipping
+    assert rec.clip_value == v.clip_value == np.percentile(largest, 95)
+    assert (v.n_steps, v.median, v.p99, v.max) == (300, np.median(largest), np.percentile(largest, 99), largest.max())
+    assert v.clip_rate == np.mean(largest > v.clip_value)
+    assert (v.script_clip_value, v.script_n_clipped) == (0.5, int((largest > 0.5).sum()))
+    assert v.script_clip_rate == np.mean(largest > 0.5) and v.injected_clip_value is None
+    (note,) = [n for n in rec.notes if n.slug == "script-clips-by-value"]
+    assert f"changed {v.script_n_clipped} of 300 steps" in note.message
+    assert "script-clips-often" in [n.slug for n in rec.notes]  # 0.5 is near the median here
+    assert recommend_dir(run_dir, with_layers=False)[0].clip_value == rec.clip_value  # compare's fast path
+    assert recommend_dir(run_dir, skip_steps=100)[0].clip_value == np.percentile(largest[100:], 95)
+    out = gradscope("recommend", str(run_dir)).stdout
+    assert f"the script clips by value: clip_grad_value_ at 0.5 changed {v.script_n_clipped} of 300 steps" in out
+    assert f"torch.nn.utils.clip_grad_value_(params, clip_value={rec.clip_value:.6g})" in out
+    doc = json.loads(gradscope("recommend", str(run_dir), "--json").stdout)["recommendations"][0]
+    assert doc["clip_value"] == rec.clip_value
+    assert set(doc["value_clipping"]) == {"n_steps", "median", "p95", "p99", "max", "clip_value", "clip_rate",
+                                          "script_clip_value", "script_n_clipped", "script_clip_rate",
+                                          "injected_clip_value", "injected_n_clipped"}
+
+
+def test_injected_value_clipping_is_counted_and_norm_clipping_runs_get_no_clip_value(tmp_path: Path) -> None:
+    run_dir, largest = value_run(tmp_path / "a", clip_value=None, injected=0.8)
+    v = recommend_dir(run_dir)[0].value_clipping
+    assert (v.injected_clip_value, v.injected_n_clipped, v.script_clip_value) == (0.8, int((largest > 0.8).sum()), None)
+    rng = np.random.default_rng(10)  # two optimizers (a GAN): each gets its own steps' largest |g|
+    two = [rng.lognormal(k, 0.5, (80, 2)).astype(np.float32) for k in (0.0, 2.0)]
+    run_dir = write_run(tmp_path / "gan", [optimizer_data(lognormal(80, 2), names(2), max_abs=m) for m in two],
+                        meta={"clipping": store.Clipping(script_clip_value=1.0)})
+    got = [rec.clip_value for rec in recommend_dir(run_dir)]
+    assert got == [np.percentile(m.max(axis=1).astype(np.float64), 95) for m in two]
+    plain = write_run(tmp_path / "b", [optimizer_data(lognormal(50, 2), names(2))])
+    rec = recommend_dir(plain)[0]
+    assert rec.clip_value is None and rec.value_clipping is None
 
 
 @pytest.mark.parametrize(("percentile", "intent"), [(10.0, "normalization"), (50.0, "intermediate"),
@@ -399,7 +506,8 @@ def gradscope(*args: str, cwd: Path = REPO, tty: bool = False) -> subprocess.Com
 JSON_KEYS = {"format", "schema_version", "gradscope_version", "run", "percentile", "percentile_method", "clip_rule",
              "skip_steps", "recommendations"}
 RECOMMENDATION_KEYS = {"optimizer", "optimizer_label", "norm_type", "max_norm", "clip_rate", "intent", "intent_text",
-                       "distribution", "clip_rates", "spikes", "nonfinite", "warmup", "layers", "notes"}
+                       "distribution", "clip_rates", "spikes", "nonfinite", "warmup", "layers", "notes", "clip_value",
+                       "value_clipping", "closure"}
 
 
 def test_json_is_strict_and_has_the_documented_keys(mixed_run: dict[str, Any]) -> None:
@@ -427,7 +535,8 @@ def test_json_is_strict_and_has_the_documented_keys(mixed_run: dict[str, Any]) -
     assert set(rec["nonfinite"]) == {"count", "count_not_skipped", "first_step", "first_step_amp_skipped", "first_layer", "layers",
                                      "n_layers"}
     assert set(rec["warmup"]) == {"window", "basis", "skip_steps", "tail_share", "dominates", "max_norm_without",
-                                  "clip_rate_without"}
+                                  "clip_rate_without", "kind", "lr_first", "lr_after", "max_norm_without_clip_rate"}
+    assert rec["clip_value"] is None and rec["value_clipping"] is None and rec["closure"] is None
     assert set(rec["spikes"]) == {"factor", "window", "count", "shown"}
 
 
@@ -447,7 +556,7 @@ def test_piped_output_is_plain_text_with_the_evidence(mixed_run: dict[str, Any])
     assert "\x1b[" not in out and "─" not in out  # no ANSI colours, no box drawing when piped
     assert f"max_norm = {mixed_run['rec'].max_norm:.6g}" in out
     for heading in ("Pre-clip global gradient norm", "What each threshold would clip", "Layers", "intent: spike guard",
-                    "non-finite steps: 2, the first at step 700 (an AMP-skipped step", "warm-up: the first",
+                    "non-finite steps: 2, the first at step 700 (an AMP-skipped step", "early steps: the first",
                     "warning [nonfinite-steps]", "clip_grad_norm_(params, max_norm="):
         assert heading in out
     assert re.search(r"p95  <- recommended\s+\S+\s+\d+\s+5\.\d%", out)
@@ -555,7 +664,7 @@ def test_help_documents_every_option() -> None:
     proc = gradscope("recommend", "--help")
     assert proc.returncode == 0
     text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", proc.stdout).split())
-    for fragment in ("--percentile", "A high one (95-99) guards against spikes", "--skip-steps", "(warm-up) out",
+    for fragment in ("--percentile", "A high one (95-99) guards against spikes", "--skip-steps", "(an lr warm-up) out",
                      "--optimizer", "each optimizer gets its own recommendation", "--json",
                      "format gradscope-recommend", "--plot", "Exit codes: 0 ok, 1 no such run"):
         assert fragment in text

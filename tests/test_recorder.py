@@ -533,7 +533,10 @@ def test_a_failed_planned_read_warns_once_and_falls_back(tmp_path: Any, capsys: 
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.profiled("rec_handwritten.py", "clip", "zerograd")
+handwritten_run = pytest.mark.profiled("rec_handwritten.py", "clip", "zerograd", "value")
+
+
+@handwritten_run
 @pytest.mark.parametrize("mode", ["clip", "zerograd"])
 def test_hand_written_update_loop(profiled: Any, mode: str) -> None:
     """clip_grad_norm_ then p.data.add_(p.grad, alpha=-lr), with model.zero_grad() at the top of each
@@ -554,6 +557,21 @@ def test_hand_written_update_loop(profiled: Any, mode: str) -> None:
         assert (steps.clip_source == "none").all() and (steps.applied_norm == steps.grad_norm).all()
 
 
+@handwritten_run
+def test_hand_written_loop_clipping_by_value(profiled: Any) -> None:
+    """clip_grad_value_ in a hand-written loop: pre-clip norms and max |g| per layer, the applied norm of
+    the clamped grads, clip_source script with no max_norm (a clip value is no norm threshold)."""
+    run, refs = profiled.run, profiled.ref("value")
+    index = optimizer_of(run, "value.")
+    steps = check_records(run, index, refs)
+    assert (steps.clip_source == "script").all() and steps.max_norm.isna().all()
+    assert [close(a, r["applied"]) for a, r in zip(steps.applied_norm, refs, strict=True)] == [True] * len(refs)
+    assert (steps.applied_norm < steps.grad_norm).all()
+    max_abs = {k: v for k, v in refs[0]["max_abs"].items() if k != "value.decoder.weight"}  # tied: one name
+    assert_max_abs(run, index, [{**r, "max_abs": {k: r["max_abs"][k] for k in max_abs}} for r in refs])
+    assert run.meta.clipping.script_clip_value == 0.01 and run.meta.clipping.script_max_norm == 0.25
+
+
 # --------------------------------------------------------------------------------------------------
 # The Python API: an optimizer created before the recorder started
 # --------------------------------------------------------------------------------------------------
@@ -568,3 +586,150 @@ def test_optimizer_created_before_the_recorder(profiled: Any) -> None:
     steps = check_records(run, 0, refs)
     assert (steps.clip_source == "script").all() and (steps.max_norm == 0.5).all()
     assert (steps.grad_norm > 0.5).all() and [close(a, 0.5) for a in steps.applied_norm] == [True] * len(refs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Injection (--max-norm, --clip-value: what compare's arms run): every kind of loop, or "not injected"
+# --------------------------------------------------------------------------------------------------
+
+F32 = 1e-6  # a clipped norm may exceed max_norm by float32 rounding, no more
+
+
+def assert_capped(steps: pd.DataFrame, max_norm: float) -> None:
+    """Every update clipped as torch's clip_grad_norm_(params, max_norm) would: applied = min(1, max_norm /
+    (grad_norm + 1e-6)) * grad_norm, never above max_norm."""
+    assert (steps.clip_source == "injected").all() and (steps.max_norm == max_norm).all()
+    assert (steps.applied_norm <= max_norm * (1 + F32)).all(), steps.applied_norm
+    expected = [g * min(1.0, max_norm / (g + 1e-6)) for g in steps.grad_norm]
+    assert [close(a, e) for a, e in zip(steps.applied_norm, expected, strict=True)] == [True] * len(steps)
+
+
+@pytest.mark.profiled("rec_inject_loops.py", "clip", options=("--max-norm", "0.1", "--max-steps", "3"))
+def test_injection_at_a_hand_written_loops_own_clip_call(profiled: Any) -> None:
+    """The word-language-model loop with its own clip_grad_norm_(params, 0.25): gradscope clips there at
+    0.1 instead; --max-steps 3 of 4 stops cleanly. grad_norm and the layers are the pre-clip ones (torch's,
+    from autograd.grad), what clip_grad_norm_ returned; the update consumed the clipped grads."""
+    run, refs = profiled.run, profiled.ref("clip")
+    assert run.status == "complete" and "Traceback" not in profiled.proc.stderr
+    steps = check_records(run, 0, refs[:3])
+    assert len(refs) == 3  # the 4th update never ran
+    assert_capped(steps, 0.1)
+    assert [close(a, r["applied"]) for a, r in zip(steps.applied_norm, refs, strict=True)] == [True] * 3
+    assert [close(g, r["returned"]) for g, r in zip(steps.grad_norm, refs, strict=True)] == [True] * 3
+    clipping = run.meta.clipping
+    assert clipping.injection == "applied" and clipping.injected_max_norms == (0.1,)
+    assert clipping.injected_max_norm == 0.1 and clipping.script_max_norm == 0.25
+
+
+@pytest.mark.profiled("rec_inject_loops.py", "noclip", options=("--max-norm", "0.1", "--max-steps", "4"))
+def test_injection_after_the_backward_of_a_hand_written_loop_without_clip_call(profiled: Any) -> None:
+    """No clip call: one backward per update, so gradscope clips when it returns, from the first update on;
+    --max-steps reached on the loop's last update ends it cleanly (exit 0, complete, every update)."""
+    run, refs = profiled.run, profiled.ref("noclip")
+    assert run.status == "complete" and "Traceback" not in profiled.proc.stderr
+    steps = check_records(run, 0, refs)
+    assert len(steps) == 4 and run.meta.n_steps == 4
+    assert_capped(steps, 0.1)
+    assert (steps.grad_norm > 0.1).all()  # every update was clipped: a no-op would show applied = grad_norm
+    assert [close(a, r["applied"]) for a, r in zip(steps.applied_norm, refs, strict=True)] == [True] * 4
+    assert run.meta.clipping.injection == "applied"
+
+
+@pytest.mark.profiled("rec_inject_loops.py", "accum", options=("--max-norm", "0.1"))
+def test_hand_written_accumulation_is_not_injected_and_says_so(profiled: Any) -> None:
+    """Two backward calls per update and no clip call: no point is correct. Nothing is clipped (the clip
+    made after the first backward, before the second showed up, is divided back out) and the run says why."""
+    run, refs = profiled.run, profiled.ref("accum")
+    steps = steps_of(run, 0)
+    assert len(steps) == len(refs) == 4 and list(steps.n_backward) == [2] * 4
+    assert (steps.clip_source == "none").all() and steps.max_norm.isna().all()
+    assert [close(g, r["applied"]) for g, r in zip(steps.grad_norm, refs, strict=True)] == [True] * 4
+    assert (steps.applied_norm == steps.grad_norm).all() and (steps.grad_norm > 0.1).all()
+    assert run.meta.clipping.injection == ("not injected: a hand-written update loop with 2 backward calls per "
+                                           "update and no clip call")
+
+
+@pytest.mark.profiled("rec_handwritten.py", "zerograd", options=("--max-time", "0"))
+def test_max_time_stops_a_hand_written_loop_cleanly(profiled: Any) -> None:
+    run = profiled.run
+    assert profiled.proc.returncode == 0 and "Traceback" not in profiled.proc.stderr
+    assert run.status == "complete" and len(run.steps) == 1 == len(profiled.refs)  # the first update only
+
+
+@pytest.mark.profiled("rec_inject_lbfgs.py", options=("--max-norm", "0.5"))
+def test_injection_into_a_closure_optimizer_after_every_evaluation(profiled: Any) -> None:
+    """LBFGS: clipped after each closure evaluation (the grads its line search reads, the last of which the
+    script sees after step(), are within max_norm); measured after the first; n_evaluations counts them all."""
+    run, refs = profiled.run, profiled.ref("lbfgs")
+    steps = steps_of(run, 0)
+    assert len(steps) == len(refs) == 3 and list(steps.n_backward) == [1] * 3
+    assert_capped(steps, 0.5)
+    assert (steps.grad_norm > 0.5).all()
+    assert all(r["after"] <= 0.5 * (1 + F32) for r in refs), refs
+    entry = run.meta.optimizers[0]
+    assert entry.class_name == "LBFGS" and entry.n_evaluations == sum(r["evals"] for r in refs) > len(steps)
+    assert run.meta.clipping.injection == "applied"
+
+
+@pytest.mark.profiled("rec_gan.py", options=("--max-norm", "1/5"))
+def test_per_optimizer_thresholds_on_a_gan(profiled: Any) -> None:
+    """--max-norm 1/5: D (slot 0, the first to step) clipped at 1, G (slot 1) at 5; each row says its own."""
+    run = profiled.run
+    for net, index, max_norm in (("D", 0, 1.0), ("G", 1, 5.0)):
+        refs = profiled.ref(net)
+        assert [list(s) for s in run.meta.optimizers[index].shapes] == refs[0]["shapes"]
+        assert_capped(check_records(run, index, refs), max_norm)  # grad_norm: torch's, before the step's clip
+    d = steps_of(run, 0)
+    assert (d.grad_norm > 1.0).all() and (d.applied_norm < d.grad_norm).all()  # D's threshold bites
+    clipping = run.meta.clipping
+    assert clipping.injected_max_norms == (1.0, 5.0) and clipping.injected_max_norm is None
+    assert clipping.injection == "applied"
+
+
+@pytest.mark.profiled("rec_clip.py", "norm", "value", options=("--clip-value", "0.01"))
+def test_clip_value_injection(profiled: Any) -> None:
+    """--clip-value 0.01 replaces the script's own clipping (by norm or by value): the optimizer consumes
+    clip_grad_value_(params, 0.01)'s grads; the pre-clip norms and every layer's max |g| are recorded."""
+    run = profiled.run
+    for case in ("norm", "value"):
+        refs = profiled.ref(case)
+        index = optimizer_of(run, f"{case}.")
+        steps = check_records(run, index, refs)
+        assert (steps.clip_source == "injected").all() and steps.max_norm.isna().all()
+        assert [close(a, r["clamped"]) for a, r in zip(steps.applied_norm, refs, strict=True)] == [True] * len(refs)
+        assert_max_abs(run, index, refs)
+    clipping = run.meta.clipping
+    assert clipping.injected_clip_value == 0.01 and clipping.injection == "applied"
+    assert clipping.script_clip_value == 0.05 and clipping.script_max_norm == 1.5
+
+
+def assert_max_abs(run: Any, index: int, refs: list[dict[str, Any]]) -> None:
+    """Every layer's recorded max_abs is the script's p.grad.abs().max() before any clip."""
+    layers = run.layers[run.layers.optimizer == index]
+    for ref in refs:
+        rows = layers[layers.step == ref["step"]]
+        recorded = {str(n): float(m) for n, m in zip(rows.layer, rows.max_abs, strict=True)}
+        assert recorded.keys() == ref["max_abs"].keys()
+        assert [close(recorded[n], v) for n, v in ref["max_abs"].items()] == [True] * len(recorded), (recorded, ref)
+
+
+@clip_run
+def test_script_value_clipping_records_max_abs_and_its_clip_value(profiled: Any) -> None:
+    """A script clipping by value: each layer's pre-clip max |g| on its steps (null on norm-clipped ones),
+    its clip_value in meta as script_clip_value (never as a max_norm)."""
+    run = profiled.run
+    assert_max_abs(run, optimizer_of(run, "value."), profiled.ref("value"))
+    norm = run.layers[run.layers.optimizer == optimizer_of(run, "norm.")]
+    assert norm.max_abs.isna().all() and len(norm) > 0
+    assert run.meta.clipping.script_clip_value == 0.05
+
+
+@clip_run
+def test_meta_names_the_interpreter_and_the_launcher(profiled: Any) -> None:
+    """A run knows the python that ran it and how gradscope was started, so compare can rerun it there."""
+    import sys
+
+    run = profiled.run
+    assert run.meta.provenance.executable == sys.executable
+    assert run.meta.provenance.launcher == "python -m gradscope"
+    assert run.meta.clipping.injection is None and run.meta.clipping.injected_max_norms == ()

@@ -174,6 +174,31 @@ def test_bad_input_gets_one_line_before_torch(tmp_path: Path, torch_poison: dict
         assert message in lines[0], (args, lines)
 
 
+@pytest.mark.parametrize(("option", "value"), [
+    ("--max-norm", "-1"), ("--max-norm", "0"), ("--max-norm", "nan"), ("--max-norm", "inf"), ("--max-norm", "abc"),
+    ("--max-norm", "1/-2"), ("--max-norm", "1/"), ("--clip-value", "0"), ("--clip-value", "nan"),
+    ("--clip-value", "-inf"), ("--clip-value", "1/2"),
+])
+def test_bad_clipping_value_is_a_usage_error_before_the_script(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              option: str, value: str) -> None:
+    """One line on stderr, exit 2, no run directory, and the script never ran (it would write a marker)."""
+    from gradscope.cli import main
+
+    marker = tmp_path / "ran"
+    script = tmp_path / "train.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    code = main(["profile", "--runs-dir", str(tmp_path / "runs"), option, value, str(script)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"gradscope: {option} takes"), lines
+    assert repr(value.split("/")[-1] if option == "--max-norm" else value) in lines[0]
+    assert not marker.exists() and not (tmp_path / "runs").exists()
+
+
+def test_bad_max_norm_fails_before_torch(tmp_path: Path, torch_poison: dict[str, str]) -> None:
+    result = _profile(["--max-norm", "-1", "env_dump.py"], SCRIPTS, tmp_path / "runs", env=torch_poison)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stdout == "", result.stderr
+
+
 def test_unwritable_runs_dir(tmp_path: Path, torch_poison: dict[str, str]) -> None:
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file where the runs directory should go")
@@ -192,7 +217,8 @@ def test_unknown_gradscope_option_is_a_usage_error(tmp_path: Path) -> None:
 def test_help_lists_every_option() -> None:
     result = _run([*GRADSCOPE, "profile", "--help"], SCRIPTS, env={"COLUMNS": "200"})
     assert result.returncode == 0
-    for option in ("--module", "--runs-dir", "--flush-every", "--max-norm", "--no-clip", "--seed", "--max-steps", "--quiet"):
+    for option in ("--module", "--runs-dir", "--flush-every", "--max-norm", "--clip-value", "--no-clip", "--seed",
+                   "--max-steps", "--quiet"):
         assert option in result.stdout
     assert "Everything after the script belongs to it" in result.stdout
 

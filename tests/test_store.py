@@ -273,3 +273,71 @@ def test_count_steps_reads_parquet_parts_of_gradscope_0_1_0(tmp_path: Path) -> N
             pq.write_table(pa.ipc.open_file(source).read_all(), part.with_suffix(".parquet"))
         part.unlink()
     assert store.count_steps(run_dir) == 12
+
+
+# --------------------------------------------------------------------------------------------------
+# Added since the first release: the layers' max_abs column and optional meta.json keys
+# --------------------------------------------------------------------------------------------------
+
+
+def _drop_max_abs(path: Path) -> None:
+    """Rewrite a layers file as a reader of the first release's schema left it: no max_abs column."""
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns(["max_abs"]).replace_schema_metadata(table.schema.metadata), path)
+        return
+    with pa.OSFile(str(path), "rb") as source:
+        table = pa.ipc.open_file(source).read_all().drop_columns(["max_abs"])
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_layers_without_max_abs_read_it_as_null(tmp_path: Path, compact: bool) -> None:
+    """A run recorded before the column existed (compacted, or killed with its parts) reads max_abs as null,
+    whichever reader asks: the frame, read_table with or without columns, iter_batches, compaction."""
+    run_dir = _write_run(tmp_path, compact=compact)
+    for path in [run_dir / "layers.parquet"] if compact else sorted((run_dir / "parts").glob("layers-*.arrow")):
+        _drop_max_abs(path)
+    run = store.load_run(run_dir)
+    assert run.layers["max_abs"].isna().all() and len(run.layers) == 24
+    assert run.read_table("layers").column_names == list(store.LAYERS_SCHEMA.names)
+    table = run.read_table("layers", ["max_abs", "norm"])
+    assert table.column_names == ["max_abs", "norm"] and table.column("max_abs").null_count == 24
+    batches = list(run.iter_batches("layers", ["step", "max_abs"]))
+    assert sum(b.num_rows for b in batches) == 24 and all(b.column(1).null_count == b.num_rows for b in batches)
+    if not compact:
+        store.RunWriter(run_dir).compact()
+        assert store.load_run(run_dir).read_table("layers", ["max_abs"]).column(0).null_count == 24
+
+
+def test_max_abs_round_trips_with_its_nulls(tmp_path: Path) -> None:
+    run_dir = store.create_run_dir(tmp_path, "peaks")
+    store.write_meta(run_dir, store.RunMeta(status="complete"))
+    writer = store.RunWriter(run_dir)
+    layers = _layers(0, 2, ["a.weight", "b.bias"])
+    writer.write_part("layers", {**layers, "max_abs": pa.array([0.5, 0.25, None, None], pa.float32())})
+    writer.write_part("steps", _steps(0, 2))
+    writer.compact()
+    frame = store.load_run(run_dir).layers
+    assert list(frame["max_abs"][:2]) == [0.5, 0.25] and frame["max_abs"][2:].isna().all()
+
+
+def test_meta_added_keys_round_trip_and_are_checked(tmp_path: Path) -> None:
+    """executable/launcher, clipping's injection keys and n_evaluations: read as written; a 0.1.0 meta.json
+    has their defaults; a wrong type is refused naming the field."""
+    old = store.load_run(_with_meta(tmp_path, META_0_1_0)).meta
+    assert old.provenance is not None and old.provenance.executable is None and old.provenance.launcher is None
+    assert old.clipping.injection is None and old.clipping.injected_max_norms == () and old.optimizers[0].n_evaluations == 0
+    added = {**META_0_1_0, "executable": "/venv/bin/python", "launcher": "python -m gradscope",
+             "clipping": {**META_0_1_0["clipping"], "injected_max_norms": [1.0, None], "injected_clip_value": 0.5,
+                          "script_clip_value": 0.1, "injection": "not injected: a reason"},
+             "optimizers": [{**META_0_1_0["optimizers"][0], "n_evaluations": 12}]}
+    meta = store.load_run(_with_meta(tmp_path, added)).meta
+    assert meta.provenance.executable == "/venv/bin/python" and meta.provenance.launcher == "python -m gradscope"
+    assert meta.clipping.injected_max_norms == (1.0, None) and meta.clipping.injection == "not injected: a reason"
+    assert meta.clipping.script_clip_value == 0.1 and meta.optimizers[0].n_evaluations == 12
+    assert meta.to_json() == added
+    bad = {**META_0_1_0, "clipping": {**META_0_1_0["clipping"], "injected_max_norms": ["1"]}}
+    with pytest.raises(RunFormatError, match='field clipping.injected_max_norms must be a list of numbers or nulls'):
+        store.load_run(_with_meta(tmp_path, bad))

@@ -71,18 +71,19 @@ class ArmObserver(Protocol):
 
 
 def arm_argv(plan: Plan, spec: ArmSpec) -> list[str]:
-    """The ``python -m gradscope profile ...`` command line of one arm."""
+    """The ``PYTHON -m gradscope profile ...`` command line of one arm (PYTHON: ``plan.python``)."""
     prov = plan.provenance
-    recording = RecorderConfig(flush_every=ARM_FLUSH_EVERY, inject_max_norm=spec.max_norm,
-                               disable_script_clip=True, seed=spec.seed, max_steps=plan.step_cap or None,
-                               max_time=plan.max_time)
+    recording = RecorderConfig(flush_every=ARM_FLUSH_EVERY, inject_max_norm=spec.clip.max_norm,
+                               inject_clip_value=spec.clip.clip_value, disable_script_clip=True, seed=spec.seed,
+                               max_steps=plan.step_cap or None, max_time=plan.max_time)
     options = ProfileOptions(target=prov.target, args=list(prov.script_args),
                              as_module=prov.as_module, runs_dir=plan.root, label=spec.label,
                              quiet=True, recording=recording)
-    return options.command()
+    return [plan.python, *options.command()[1:]]  # command() names this interpreter; the arm runs plan.python
 
 
-def _arm_env() -> dict[str, str]:
+def arm_env() -> dict[str, str]:
+    """The environment every arm gets: compare's own, minus ``GRADSCOPE_PROFILING``."""
     env = dict(os.environ)
     env.pop("GRADSCOPE_PROFILING", None)  # set only inside a profiled script; the arm sets its own
     return env
@@ -148,7 +149,7 @@ def run_arm(plan: Plan, spec: ArmSpec, log_path: Path, observer: ArmObserver) ->
     with open(log_path, "wb") as log:
         # Own session: a terminal's Ctrl-C reaches compare only, which then stops the arm exactly once.
         proc = subprocess.Popen(arm_argv(plan, spec), cwd=plan.cwd, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, env=_arm_env(), start_new_session=True)
+                                stderr=subprocess.STDOUT, env=arm_env(), start_new_session=True)
     watcher = _StepWatcher(plan.root, before, proc.pid)
     interrupted = False
     try:
@@ -227,11 +228,11 @@ def _seed_runs(plan: Plan, outcomes: list[ArmOutcome]) -> list[SeedRun]:
     seed_runs = []
     for spec in plan.arms:
         if spec.reuse:
-            seed_runs.append(SeedRun(spec.arm, None, spec.seed, plan.run, plan.run.status, None, plan.step_cap, True))
+            seed_runs.append(SeedRun(spec.clip, spec.seed, plan.run, plan.run.status, None, plan.step_cap, True))
             continue
         outcome = by_spec[id(spec)]
         run = store.load_run(outcome.run_path) if outcome.run_path is not None else None
-        seed_runs.append(SeedRun(spec.arm, spec.max_norm, spec.seed, run, outcome.status, outcome.error))
+        seed_runs.append(SeedRun(spec.clip, spec.seed, run, outcome.status, outcome.error, log=outcome.log_path))
     return seed_runs
 
 
@@ -245,12 +246,12 @@ def run_compare(plan: Plan, observer: ArmObserver) -> CompareResult:
     out_dir = make_out_dir(plan)
     outcomes, interrupted = run_arms(plan, out_dir, observer)
     store.point_latest(plan.root, plan.run.path)
-    comparison = compare_arms(_seed_runs(plan, outcomes))
+    comparison = compare_arms(_seed_runs(plan, outcomes), plan.optimizers or None)
     plots = _draw(comparison, out_dir)
     ran = [s for a in comparison.arms for s in a.seeds if not s.reused]
     if interrupted:
         code, error = EXIT_INTERRUPTED, "interrupted: the arms that finished are reported above"
-    elif ran and not any(s.counts for s in ran):
+    elif ran and all(s.status == "crashed" for s in ran):  # not injected or diverged: ran, and reported
         code, error = EXIT_ERROR, f"every arm failed; their output is in {out_dir}/arm-*.log"
     else:
         code, error = EXIT_OK, None

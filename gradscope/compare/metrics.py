@@ -1,75 +1,125 @@
-"""Metrics of ``gradscope compare``: what each arm's recorded steps say, and which arm is best.
+"""Metrics of ``gradscope compare``: what each arm's recorded steps say, per optimizer.
 
-Pure functions on loaded runs (pandas, numpy); no torch, no printing, no files. Every arm and every
-seed goes through the same definitions, named once here:
+Pure functions on loaded runs (pandas, numpy); no torch, no printing, no files. Every arm, seed
+and optimizer goes through the same definitions, named once here:
 
-- **final loss**: mean loss over the last 10% of the steps (at least one step);
-- **best loss**: the lowest value of the *smoothed* loss (trailing mean over ``smooth_window`` steps),
-  so one lucky mini-batch does not count as the best the arm reached;
+- **smoothed loss**: the trailing mean over ``smooth_window(n)`` steps, the last
+  :data:`LAST_FRACTION` (10%) of the steps, at least one step; only full windows count;
+- **final loss**: the smoothed loss at the last step (the mean of the last 10% of the steps);
+- **best loss**: the lowest smoothed loss over the run; the final loss is one of the values it is
+  the minimum of, so best <= final always;
 - **volatility**: standard deviation of the step-to-step loss change (finite steps only);
 - **loss spike**: a step whose loss exceeds ``stats.LOSS_SPIKE.factor`` x the median of the
   previous ``stats.LOSS_SPIKE.window`` finite losses; a **norm spike** is ``gradscope recommend``'s
-  definition, ``stats.NORM_SPIKE`` (the same rule, for pre-clip norms, with larger constants), so
-  both commands count the same steps;
+  definition, ``stats.NORM_SPIKE`` (the same rule, for pre-clip norms, with larger constants);
 - **non-finite**: steps whose loss, or the pre-clip norm of an applied update, is inf or NaN
   (a step GradScaler skipped is routine loss scaling, not divergence);
 - **clipped**: fraction of steps whose clipping coefficient was below 1.
 
-The verdict ranks arms by mean final loss over seeds; arms that tie within seed noise are ranked by
-volatility. A lead "exceeds the seed spread" when the gap to the baseline is larger than
-``SPREAD_FACTOR`` x the pooled standard deviation of the two arms over seeds.
+:mod:`gradscope.compare.verdict` decides what the final losses say (a paired test over seeds).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from gradscope import stats
+from gradscope.compare.verdict import Verdict, decide
+from gradscope.record.config import Thresholds
 from gradscope.stats import LOSS_SPIKE, NORM_SPIKE, SpikeRule
-from gradscope.store import Run
+from gradscope.store import OptimizerMeta, Run
 
-LAST_FRACTION = 0.10  # "final" loss: the last 10% of the steps
-SPREAD_FACTOR = 2.0  # a lead is real when it exceeds 2x the pooled seed standard deviation
+LAST_FRACTION = 0.10  # "final" loss: the last 10% of the steps; also the smoothing window
 CLIPPED_BELOW = 1.0 - 1e-6  # clip_coef under this: the step was scaled down
 BASELINE = "baseline"
+NOT_INJECTED = "not injected"  # how an arm's meta.json starts its injection field when it could not clip
 
 #: Per-seed metrics that are averaged over seeds, in table order.
 METRICS = ("final_loss", "best_loss", "volatility", "loss_spikes", "norm_spikes", "nonfinite",
            "clipped_fraction", "train_time_s")
 
 
+@dataclass(frozen=True)
+class Clip:
+    """What an arm does: nothing (the baseline), ``clip_grad_norm_`` per optimizer, or ``clip_grad_value_``."""
+
+    max_norm: Thresholds | None = None
+    clip_value: float | None = None
+
+    @property
+    def is_baseline(self) -> bool:
+        """No clipping at all (the script's own clipping disabled too)."""
+        return self.max_norm is None and self.clip_value is None
+
+    @property
+    def title(self) -> str:
+        """How the arm is named to a person: ``no clipping``, ``max_norm=0.5``, ``max_norm=1/5``, ``clip_value=0.1``."""
+        if self.clip_value is not None:
+            return f"clip_value={self.clip_value:g}"
+        if self.max_norm is not None:
+            return "max_norm=" + "/".join(f"{v:g}" for v in self.max_norm.values)
+        return "no clipping"
+
+    @property
+    def key(self) -> str:
+        """The key the seeds of one arm share (``arm`` in compare.json): ``baseline`` or its title."""
+        return BASELINE if self.is_baseline else self.title
+
+    def max_norm_of(self, optimizer: int) -> float | None:
+        """The max_norm this arm gives optimizer ``optimizer`` (None: not clipped by norm)."""
+        return self.max_norm.of(optimizer) if self.max_norm is not None else None
+
+
+def optimizer_name(meta: OptimizerMeta | None, index: int) -> str:
+    """``optimizer 1 (Adam, G.*)``: index, class and the common prefix of its parameters' names."""
+    if meta is None:
+        return f"optimizer {index}"
+    parts = [name.split(".") for name in meta.names]
+    common: list[str] = []
+    for pieces in zip(*parts, strict=False) if parts else ():
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    if len(parts) == 1:
+        prefix = ".".join(parts[0])
+    else:
+        prefix = ".".join(common) + ".*" if common else f"{len(parts)} tensors"
+    return f"optimizer {index} ({meta.class_name}, {prefix})" if parts else f"optimizer {index} ({meta.class_name})"
+
+
 @dataclass
 class SeedRun:
     """One seed of one arm, as it came back from its subprocess (or the recorded run reused)."""
 
-    arm: str
-    max_norm: float | None
+    clip: Clip
     seed: int
     run: Run | None  # None when the arm never made a run directory
     status: str  # the run's status, or "not run" / "interrupted"
     error: str | None = None
     step_cap: int | None = None  # analyse only the first N steps (a reused, longer recorded run)
     reused: bool = False
+    log: Path | None = None
 
 
 @dataclass
 class SeedResult:
-    """The metrics of one seed of one arm."""
+    """The metrics of one seed of one arm, for one optimizer."""
 
     seed: int
     run_id: str | None
-    status: str  # "ok" | "diverged" | "crashed" | "interrupted" | "no steps" | "not run"
+    status: str  # "ok" | "diverged" | "crashed" | "interrupted" | "no steps" | "not run" | "not injected: ..."
     error: str | None
     n_steps: int
     metrics: dict[str, float]
     first_nonfinite_step: int | None
     reused: bool
     frame: pd.DataFrame = field(repr=False)  # step, loss, grad_norm: what the plots draw
+    log: Path | None = None
 
     @property
     def counts(self) -> bool:
@@ -79,15 +129,39 @@ class SeedResult:
 
 @dataclass
 class ArmResult:
-    """One arm (baseline or one threshold) over all its seeds."""
+    """One arm (baseline or one threshold) on one optimizer, over all its seeds."""
 
-    arm: str
-    max_norm: float | None
+    clip: Clip
+    optimizer: int
     seeds: list[SeedResult]
+
+    @property
+    def arm(self) -> str:
+        """The arm's key (``baseline`` or its title)."""
+        return self.clip.key
+
+    @property
+    def title(self) -> str:
+        """The arm's name for a person."""
+        return self.clip.title
+
+    @property
+    def is_baseline(self) -> bool:
+        """The unclipped arm."""
+        return self.clip.is_baseline
+
+    @property
+    def max_norm(self) -> float | None:
+        """This optimizer's max_norm in this arm (None: not clipped by norm)."""
+        return self.clip.max_norm_of(self.optimizer)
+
+    def by_seed(self, metric: str) -> dict[int, float]:
+        """``metric`` of every seed that counts, by seed."""
+        return {s.seed: float(s.metrics[metric]) for s in self.seeds if s.counts}
 
     def values(self, metric: str) -> np.ndarray:
         """``metric`` of every seed that counts, as an array (NaN where the seed diverged)."""
-        return np.array([s.metrics[metric] for s in self.seeds if s.counts], dtype=float)
+        return np.array(list(self.by_seed(metric).values()), dtype=float)
 
     def mean(self, metric: str) -> float:
         """Mean of ``metric`` over the counted seeds; NaN when none counts or one diverged to NaN."""
@@ -106,43 +180,16 @@ class ArmResult:
 
 
 @dataclass
-class Verdict:
-    """Which arm is best, and whether its lead over the baseline is larger than seed noise."""
-
-    best: str | None
-    exceeds_spread: bool | None  # None: unknown (one seed, or nothing to compare with)
-    gap: float | None
-    spread: float | None
-    text: str
-
-
-@dataclass
 class Comparison:
-    """Everything ``compare`` measured: the arms in run order and the verdict."""
+    """Everything ``compare`` measured: one result per (optimizer, arm), the optimizers' names, the verdict."""
 
-    arms: list[ArmResult]
+    arms: list[ArmResult]  # optimizer by optimizer, the arms in run order within each
+    names: dict[int, str]  # optimizer index -> "optimizer 1 (Adam, G.*)"
     verdict: Verdict
 
-
-class HasMaxNorm(Protocol):
-    """An arm as anything names it: a planned arm, a measured one."""
-
-    @property
-    def max_norm(self) -> float | None: ...
-
-
-def arm_title(arm: HasMaxNorm | float | None) -> str:
-    """How an arm is named to a person: ``no clipping`` or ``max_norm=0.5``.
-
-    Takes an arm (``ArmResult``, ``ArmSpec``) or its threshold itself (None: no clipping).
-    """
-    max_norm = arm if arm is None or isinstance(arm, int | float) else arm.max_norm
-    return "no clipping" if max_norm is None else f"max_norm={max_norm:g}"
-
-
-def arm_key(max_norm: float | None) -> str:
-    """The key the seeds of one arm share (``arm`` in compare.json): ``baseline`` or its title."""
-    return BASELINE if max_norm is None else arm_title(max_norm)
+    def of(self, optimizer: int) -> list[ArmResult]:
+        """The arms' results on one optimizer."""
+        return [a for a in self.arms if a.optimizer == optimizer]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,14 +198,16 @@ def arm_key(max_norm: float | None) -> str:
 
 
 def smooth_window(n_steps: int) -> int:
-    """Trailing-mean window for the smoothed loss: 5% of the steps, at least 5."""
-    return max(5, n_steps // 20)
+    """The smoothing window: the last :data:`LAST_FRACTION` of the steps, at least one step."""
+    return max(1, math.ceil(n_steps * LAST_FRACTION))
 
 
 def smoothed(values: pd.Series) -> pd.Series:
-    """Trailing mean over :func:`smooth_window` steps, ignoring non-finite values."""
+    """Trailing mean over :func:`smooth_window` steps; NaN until the first full window, and wherever
+    the window holds an inf or NaN (a diverged stretch has no smoothed loss)."""
+    window = smooth_window(len(values))
     finite = values.where(np.isfinite(values))
-    return finite.rolling(smooth_window(len(values)), min_periods=1).mean()
+    return finite.rolling(window, min_periods=window).mean()
 
 
 def spike_mask(values: pd.Series, rule: SpikeRule = LOSS_SPIKE) -> pd.Series:
@@ -176,11 +225,17 @@ def norm_spike_mask(norms: pd.Series) -> pd.Series:
 
 
 def final_loss(loss: pd.Series) -> float:
-    """Mean of the last :data:`LAST_FRACTION` of the steps (inf/NaN when the arm diverged there)."""
+    """The smoothed loss at the last step: the mean of the last 10% (inf/NaN when the arm diverged there)."""
     if loss.empty:
         return math.nan
-    tail = loss.iloc[-max(1, math.ceil(len(loss) * LAST_FRACTION)):]
+    tail = loss.iloc[-smooth_window(len(loss)):]
     return float(tail.mean(skipna=False))
+
+
+def best_loss(loss: pd.Series) -> float:
+    """The lowest smoothed loss; never above :func:`final_loss` when that is finite."""
+    best = smoothed(loss).min()
+    return float(best) if pd.notna(best) else math.nan
 
 
 def volatility(loss: pd.Series) -> float:
@@ -195,16 +250,30 @@ def volatility(loss: pd.Series) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def step_frame(run: Run, step_cap: int | None = None) -> pd.DataFrame:
-    """The first optimizer's steps (``step``, ``loss``, ``grad_norm``, ``clip_coef``, ``time_s``...).
+def optimizers_of(run: Run) -> list[int]:
+    """The optimizer indices that recorded steps, else the ones meta.json names."""
+    steps = run.steps
+    found = sorted(int(k) for k in steps["optimizer"].unique()) if len(steps) else []
+    return found or [o.index for o in run.meta.optimizers]
 
-    ``compare`` judges arms by the first optimizer, the one ``--max-steps`` counts; ``step_cap``
-    keeps the first N steps, which is what a run stopped after N steps would have recorded.
+
+def step_frame(run: Run, step_cap: int | None = None, optimizer: int | None = None) -> pd.DataFrame:
+    """One optimizer's steps (``step``, ``loss``, ``grad_norm``, ``clip_coef``, ``time_s``...); the first by default.
+
+    ``step_cap`` keeps what a run stopped after N steps of the first optimizer (the one
+    ``--max-steps`` counts) would have recorded: its first N steps, and the other optimizers' steps
+    made before the N-th one ended.
     """
     steps = run.steps
-    frame = steps[steps["optimizer"] == steps["optimizer"].min()] if len(steps) else steps
-    if step_cap is not None:
-        frame = frame[frame["step"] < step_cap]
+    first = int(steps["optimizer"].min()) if len(steps) else 0
+    chosen = first if optimizer is None else optimizer
+    frame = steps[steps["optimizer"] == chosen] if len(steps) else steps
+    if step_cap is not None and len(steps):
+        if chosen == first:
+            frame = frame[frame["step"] < step_cap]
+        else:
+            lead = steps[(steps["optimizer"] == first) & (steps["step"] < step_cap)]
+            frame = frame[frame["time_s"] <= lead["time_s"].max()] if len(lead) else frame.iloc[:0]
     frame = frame.reset_index(drop=True)
     frame["loss"] = frame["loss"].astype(float)  # null losses (non-scalar roots) become NaN
     return frame
@@ -224,15 +293,13 @@ def nonfinite_mask(frame: pd.DataFrame) -> pd.Series:
 def seed_metrics(frame: pd.DataFrame) -> dict[str, float]:
     """Every metric of :data:`METRICS` for one seed's step frame (see the module docstring)."""
     loss, norm = frame["loss"], frame["grad_norm"].astype(float)
-    nonfinite = nonfinite_mask(frame)
-    best = smoothed(loss).min()
     return {
         "final_loss": final_loss(loss),
-        "best_loss": float(best) if pd.notna(best) else math.nan,
+        "best_loss": best_loss(loss),
         "volatility": volatility(loss),
         "loss_spikes": float(spike_mask(loss).sum()),
         "norm_spikes": float(norm_spike_mask(norm).sum()),
-        "nonfinite": float(nonfinite.sum()),
+        "nonfinite": float(nonfinite_mask(frame).sum()),
         "clipped_fraction": float((frame["clip_coef"].fillna(1.0) < CLIPPED_BELOW).mean()) if len(frame) else math.nan,
         "train_time_s": float(frame["time_s"].iloc[-1]) if len(frame) else math.nan,
     }
@@ -243,11 +310,19 @@ def _first_nonfinite(frame: pd.DataFrame) -> int | None:
     return int(bad["step"].iloc[0]) if len(bad) else None
 
 
+def injection_of(run: Run | None) -> str | None:
+    """The run's ``clipping.injection``: None, ``applied`` or ``not injected: <reason>``."""
+    return None if run is None else run.meta.clipping.injection
+
+
 def _seed_status(seed_run: SeedRun, n_steps: int, first_bad: int | None) -> str:
+    injection = injection_of(seed_run.run)
     if seed_run.status == "interrupted":
         return "interrupted"
     if seed_run.run is None:
         return "not run" if seed_run.status == "not run" else "crashed"
+    if injection is not None and injection.startswith(NOT_INJECTED):
+        return injection  # the arm ran unclipped: never a result of its threshold
     if first_bad is not None:
         return "diverged"  # even when the script then raised: the divergence is the news
     if seed_run.status != "complete":
@@ -255,109 +330,39 @@ def _seed_status(seed_run: SeedRun, n_steps: int, first_bad: int | None) -> str:
     return "ok" if n_steps else "no steps"
 
 
-def measure_seed(seed_run: SeedRun) -> SeedResult:
-    """Metrics and status of one seed of one arm (``status`` says whether it enters the means)."""
+def measure_seed(seed_run: SeedRun, optimizer: int | None = None) -> SeedResult:
+    """Metrics and status of one seed of one arm on one optimizer (``status``: does it enter the means)."""
     empty = pd.DataFrame({"step": [], "loss": [], "grad_norm": []})
-    frame = step_frame(seed_run.run, seed_run.step_cap) if seed_run.run is not None else empty
+    frame = step_frame(seed_run.run, seed_run.step_cap, optimizer) if seed_run.run is not None else empty
     first_bad = _first_nonfinite(frame) if len(frame) else None
     status = _seed_status(seed_run, len(frame), first_bad)
     metrics = seed_metrics(frame) if len(frame) else dict.fromkeys(METRICS, math.nan)
     return SeedResult(seed_run.seed, seed_run.run.id if seed_run.run is not None else None, status,
                       seed_run.error, len(frame), metrics, first_bad, seed_run.reused,
-                      frame[["step", "loss", "grad_norm"]] if len(frame) else empty)
+                      frame[["step", "loss", "grad_norm"]] if len(frame) else empty, seed_run.log)
 
 
-# --------------------------------------------------------------------------------------------------
-# Arms and the verdict
-# --------------------------------------------------------------------------------------------------
+def compare_arms(seed_runs: list[SeedRun], names: dict[int, str] | None = None) -> Comparison:
+    """Measure every seed run on every optimizer, group them into arms (first-seen order) and decide.
 
-
-def compare_arms(seed_runs: list[SeedRun]) -> Comparison:
-    """Group seed runs into arms (in first-seen order), measure each, and name the best arm."""
-    order: dict[str, ArmResult] = {}
-    for seed_run in seed_runs:
-        arm = order.setdefault(seed_run.arm, ArmResult(seed_run.arm, seed_run.max_norm, []))
-        arm.seeds.append(measure_seed(seed_run))
-    for arm in order.values():
-        arm.seeds.sort(key=lambda s: s.seed)
-    arms = list(order.values())
-    return Comparison(arms, verdict(arms))
-
-
-def pooled_std(a: ArmResult, b: ArmResult, metric: str = "final_loss") -> float:
-    """sqrt of the mean of the two arms' seed variances; NaN when either has fewer than two seeds."""
-    sa, sb = a.std(metric), b.std(metric)
-    return math.sqrt((sa * sa + sb * sb) / 2.0) if math.isfinite(sa) and math.isfinite(sb) else math.nan
-
-
-def rank_arms(arms: list[ArmResult]) -> list[ArmResult]:
-    """Arms with a finite mean final loss, best first.
-
-    Arms whose final loss is within seed noise of the lowest (``SPREAD_FACTOR`` x pooled std) tie,
-    and ties are broken by lower volatility: a smoother curve to the same loss is the better arm.
+    ``names``: the optimizers to measure and how to show them; by default every optimizer any
+    run recorded, named from its meta.json.
     """
-    usable = sorted((a for a in arms if math.isfinite(a.mean("final_loss"))), key=lambda a: a.mean("final_loss"))
-    if not usable:
-        return []
-    lowest = usable[0]
-    tied = [a for a in usable if a is lowest or _within_noise(lowest, a)]
-    tied.sort(key=lambda a: (_nan_last(a.mean("volatility")), a.mean("final_loss")))
-    return tied + [a for a in usable if a not in tied]
+    names = names or _names(seed_runs)
+    arms: list[ArmResult] = []
+    for optimizer in names:
+        order: dict[str, ArmResult] = {}
+        for seed_run in seed_runs:
+            arm = order.setdefault(seed_run.clip.key, ArmResult(seed_run.clip, optimizer, []))
+            arm.seeds.append(measure_seed(seed_run, optimizer))
+        for arm in order.values():
+            arm.seeds.sort(key=lambda s: s.seed)
+        arms.extend(order.values())
+    return Comparison(arms, names, decide(arms, names))
 
 
-def _within_noise(a: ArmResult, b: ArmResult) -> bool:
-    spread = pooled_std(a, b)
-    return math.isfinite(spread) and abs(b.mean("final_loss") - a.mean("final_loss")) <= SPREAD_FACTOR * spread
-
-
-def _nan_last(value: float) -> float:
-    return value if math.isfinite(value) else math.inf
-
-
-def _loss_text(arm: ArmResult) -> str:
-    mean, std = arm.mean("final_loss"), arm.std("final_loss")
-    return f"{mean:.4g} ± {std:.2g}" if math.isfinite(std) else f"{mean:.4g}"
-
-
-def verdict(arms: list[ArmResult]) -> Verdict:
-    """Name the best arm and say whether its lead over the baseline exceeds the seed spread.
-
-    The lead is measured in final loss, or in volatility when the final losses tie within noise
-    (that is what made the arm best then).
-    """
-    ranked = rank_arms(arms)
-    if not ranked:
-        return Verdict(None, None, None, None, "no arm finished with a finite loss: see the arm logs")
-    best = ranked[0]
-    baseline = next((a for a in arms if a.arm == BASELINE), None)
-    if best.arm == BASELINE:
-        rival = ranked[1] if len(ranked) > 1 else None
-        head = f"best: {arm_title(best)} (final loss {_loss_text(best)}); no threshold beat the unclipped baseline"
-        metric = "volatility" if rival is not None and _within_noise(best, rival) else "final_loss"
-        return _lead_verdict(best, rival, head, metric)
-    head = f"best: {arm_title(best)} (final loss {_loss_text(best)}"
-    if baseline is None or not math.isfinite(baseline.mean("final_loss")):
-        why = "crashed" if baseline is None or baseline.n_counted == 0 else "diverged (non-finite loss)"
-        return Verdict(best.arm, None, None, None, f"{head}); the unclipped baseline {why}")
-    head += f" vs {_loss_text(baseline)} unclipped)"
-    if _within_noise(best, baseline):
-        head += (f"; final losses tie within seed noise, and it is smoother: volatility "
-                 f"{best.mean('volatility'):.3g} vs {baseline.mean('volatility'):.3g}")
-        return _lead_verdict(best, baseline, head, "volatility")
-    return _lead_verdict(best, baseline, head, "final_loss")
-
-
-def _lead_verdict(best: ArmResult, other: ArmResult | None, head: str, metric: str) -> Verdict:
-    if other is None:
-        return Verdict(best.arm, None, None, None, head + "; nothing else to compare with")
-    gap = other.mean(metric) - best.mean(metric)
-    spread = pooled_std(best, other, metric)
-    if not math.isfinite(spread):
-        return Verdict(best.arm, None, gap, None, f"{head}; seed spread unknown with fewer than two finished "
-                                                  "seeds per arm: rerun with --seeds 3 to tell the effect from seed noise")
-    exceeds = gap > SPREAD_FACTOR * spread
-    judged = "exceeds" if exceeds else "does not exceed"
-    what = "a real effect" if exceeds else "not distinguishable from seed noise"
-    name = "final-loss" if metric == "final_loss" else "volatility"
-    return Verdict(best.arm, exceeds, gap, spread, f"{head}; its {name} lead of {gap:.3g} {judged} "
-                                                   f"{SPREAD_FACTOR:g}x the seed spread ({spread:.2g}): {what}")
+def _names(seed_runs: list[SeedRun]) -> dict[int, str]:
+    runs = [s.run for s in seed_runs if s.run is not None]
+    indices = sorted({k for run in runs for k in optimizers_of(run)}) or [0]
+    metas = {o.index: o for run in reversed(runs) for o in run.meta.optimizers}
+    return {k: optimizer_name(metas.get(k), k) for k in indices}

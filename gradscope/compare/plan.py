@@ -12,15 +12,19 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gradscope import store
-from gradscope.compare.metrics import arm_key, step_frame
+from gradscope.compare.metrics import Clip, optimizer_name, optimizers_of, step_frame
 from gradscope.errors import GradscopeError, NoDataError, UsageError
+from gradscope.record.config import Thresholds, parse_thresholds
 
 AUTO = "auto"
+DEFAULT_SEEDS = 3  # the fewest paired seeds with which the verdict may claim an effect
 
 
 @dataclass(frozen=True)
@@ -29,22 +33,28 @@ class CompareOptions:
 
     run: str | None = None  # run id or path; None = the latest run
     runs_dir: str | os.PathLike[str] | None = None
-    max_norm: str = AUTO  # "auto" or comma-separated positive numbers ("auto" may be one of them)
-    seeds: int = 1
+    max_norm: str | None = AUTO  # "auto", "X" or "X/Y" (per optimizer), comma-separated; None: no norm arms
+    clip_value: str | None = None  # "auto" or numbers, comma-separated: clip_grad_value_ arms
+    seeds: int = DEFAULT_SEEDS
     steps: int | None = None  # cap each arm at N optimizer steps
     max_time: float | None = None  # cap each arm at S seconds
     out_dir: Path | None = None  # where logs, plots and compare.json go
+    python: str | None = None  # the interpreter the arms run with; default: the recorded one
 
 
 @dataclass(frozen=True)
 class ArmSpec:
     """One subprocess to run (or the recorded run standing in for it)."""
 
-    arm: str  # "baseline" or "max_norm=<x>": the key the seeds of one arm share
-    max_norm: float | None  # None: no clipping at all (the script's own clipping disabled too)
+    clip: Clip  # what the arm clips; Clip() is the baseline (the script's own clipping disabled too)
     seed: int
     label: str  # the arm run's label: its run id is LABEL-<time>
     reuse: bool = False  # the recorded run is this arm's result; nothing runs
+
+    @property
+    def arm(self) -> str:
+        """The key the seeds of one arm share: ``baseline`` or the arm's title."""
+        return self.clip.key
 
 
 @dataclass
@@ -54,12 +64,15 @@ class Plan:
     run: store.Run
     provenance: store.Provenance  # how the recorded run was started: what every arm reruns
     root: Path  # runs root of the recorded run; the arms' runs go next to it
-    thresholds: list[float]
+    clips: list[Clip]  # the clipped arms, in run order (the baseline comes first, implicitly)
     seeds: list[int]
     step_cap: int | None
     max_time: float | None
     out_dir: Path | None
-    auto_max_norm: float | None = None
+    python: str  # the interpreter every arm runs with
+    optimizers: dict[int, str] = field(default_factory=dict)  # index -> "optimizer 1 (Adam, G.*)"
+    auto_max_norm: Thresholds | None = None
+    auto_clip_value: float | None = None
     arms: list[ArmSpec] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -75,62 +88,109 @@ class Plan:
         return [*(["-m"] if prov.as_module else []), prov.target, *prov.script_args]
 
 
-def parse_max_norms(text: str) -> list[float | str]:
-    """Parse ``--max-norm``: ``auto`` and/or positive finite numbers separated by commas.
+MAX_NORM_USAGE = ("--max-norm takes 'auto' or positive numbers separated by commas, each one number for every "
+                  "optimizer or one per optimizer separated by '/' (e.g. auto,0.5,1/5)")
+
+
+def parse_max_norms(text: str) -> list[Thresholds | str]:
+    """Parse ``--max-norm``: ``auto`` and/or ``X`` / ``X/Y/...`` items separated by commas.
 
     Raises:
         UsageError: an item is empty, not a number, not finite or not positive (exit code 2).
     """
-    values: list[float | str] = []
+    values: list[Thresholds | str] = []
     for item in (part.strip() for part in text.split(",")):
         if item.lower() == AUTO:
-            value: float | str = AUTO
+            value: Thresholds | str = AUTO
         else:
             try:
-                value = float(item)
+                value = parse_thresholds(item, "--max-norm")
             except ValueError:
-                value = math.nan
-            if not (math.isfinite(value) and value > 0):
-                raise UsageError(f"--max-norm takes 'auto' or positive numbers separated by commas "
-                                 f"(e.g. 0.5,1,2); {item!r} is not a positive number")
+                raise UsageError(f"{MAX_NORM_USAGE}; {item!r} is not a positive number") from None
+        if value not in values:
+            values.append(value)
+    return values
+
+
+def parse_clip_values(text: str) -> list[float | str]:
+    """Parse ``--clip-value``: ``auto`` and/or positive numbers separated by commas.
+
+    Raises:
+        UsageError: an item is not ``auto`` or a positive finite number (exit code 2).
+    """
+    values: list[float | str] = []
+    for item in (part.strip() for part in text.split(",")):
+        try:
+            value: float | str = AUTO if item.lower() == AUTO else float(item)
+        except ValueError:
+            value = math.nan
+        if value != AUTO and not (isinstance(value, float) and math.isfinite(value) and value > 0):
+            raise UsageError(f"--clip-value takes 'auto' or positive numbers separated by commas (e.g. 0.1,1); "
+                             f"{item!r} is not a positive number")
         if value not in values:
             values.append(value)
     return values
 
 
 def plan_compare(options: CompareOptions) -> Plan:
-    """Load the run, check its script, resolve thresholds and seeds, and lay out the arms.
+    """Load the run, check its script and interpreter, resolve thresholds and seeds, and lay out the arms.
 
     Raises:
-        UsageError: a bad ``--max-norm`` (exit 2).
+        UsageError: a bad ``--max-norm``, ``--clip-value`` or ``--python`` (exit 2).
         GradscopeError: the run is missing, was not recorded by ``gradscope profile``, or its
-            script or working directory is gone (exit 1); NoDataError when it has no steps (3).
+            script, working directory or interpreter is gone (exit 1); NoDataError when ``auto``
+            has no steps to recommend from (3).
     """
-    requested = parse_max_norms(options.max_norm)
+    norms = parse_max_norms(options.max_norm) if options.max_norm else []
+    values = parse_clip_values(options.clip_value) if options.clip_value else []
+    if not norms and not values:
+        raise UsageError("nothing to compare: give --max-norm or --clip-value")
     run = store.load_run(options.run, options.runs_dir)
     notes: list[str] = []
     provenance = _provenance(run)
+    python = _interpreter(run, provenance, options.python, notes)
     script_changed = _script_changed(run, provenance, notes)
     n_steps = len(step_frame(run))
-    if n_steps == 0 and AUTO in requested:
-        raise NoDataError(f"run {run.id} recorded no optimizer step, so there is no norm to recommend a max_norm from")
-    auto = _auto_max_norm(run) if AUTO in requested else None
-    thresholds = _distinct(sorted(auto if v == AUTO and auto is not None else float(v) for v in requested))
+    optimizers = {k: optimizer_name(_meta_of(run, k), k) for k in optimizers_of(run)}
+    if n_steps == 0 and AUTO in [*norms, *values]:
+        raise NoDataError(f"run {run.id} recorded no optimizer step, so there is nothing to recommend a threshold from")
+    auto = _auto_max_norm(run, optimizers) if AUTO in norms else None
+    auto_value = _auto_clip_value(run) if AUTO in values else None
+    clips = _clips(norms, auto, values, auto_value, optimizers, notes)
     seeds = _seeds(run, options.seeds, notes)
     cap = options.steps or (n_steps if run.status == "complete" and n_steps else None)
     reuse = _can_reuse_baseline(run, options, cap, n_steps, script_changed, notes)
-    plan = Plan(run=run, provenance=provenance, root=run.path.parent, thresholds=thresholds, seeds=seeds,
-                step_cap=cap, max_time=options.max_time, out_dir=options.out_dir, auto_max_norm=auto, notes=notes)
+    plan = Plan(run=run, provenance=provenance, root=run.path.parent, clips=clips, seeds=seeds, step_cap=cap,
+                max_time=options.max_time, out_dir=options.out_dir, python=python, optimizers=optimizers,
+                auto_max_norm=auto, auto_clip_value=auto_value, notes=notes)
     plan.arms = _arm_specs(plan, reuse)
     return plan
 
 
-def _distinct(values: list[float]) -> list[float]:
-    """Drop thresholds that print the same (``%g``): arms are named, and keyed, by that text."""
-    seen: dict[str, float] = {}
-    for value in values:
-        seen.setdefault(f"{value:g}", value)
-    return list(seen.values())
+def _meta_of(run: store.Run, index: int) -> store.OptimizerMeta | None:
+    return next((o for o in run.meta.optimizers if o.index == index), None)
+
+
+def _clips(norms: list[Thresholds | str], auto: Thresholds | None, values: list[float | str],
+           auto_value: float | None, optimizers: dict[int, str], notes: list[str]) -> list[Clip]:
+    """The clipped arms: norm thresholds (ascending), then value thresholds; one arm per distinct title."""
+    chosen = [auto if v == AUTO else v for v in norms]
+    by_norm = sorted((t for t in chosen if isinstance(t, Thresholds)), key=lambda t: t.values)
+    clips = [Clip(max_norm=t) for t in by_norm]
+    clips += [Clip(clip_value=auto_value if v == AUTO else float(v)) for v in sorted(
+        values, key=lambda v: auto_value if v == AUTO else float(v))]
+    for t in by_norm:
+        if not t.for_all and len(t.values) > len(optimizers):
+            raise UsageError(f"--max-norm {t.text()} gives {len(t.values)} thresholds, but the run has "
+                             f"{len(optimizers)} optimizer(s): {'; '.join(optimizers.values())}")
+        unclipped = [name for k, name in optimizers.items() if t.of(k) is None]
+        if unclipped:
+            notes.append(f"max_norm={'/'.join(f'{v:g}' for v in t.values)} clips no gradient of "
+                         f"{', '.join(unclipped)} (no threshold given for it)")
+    distinct: dict[str, Clip] = {}
+    for clip in clips:
+        distinct.setdefault(clip.title, clip)  # arms are named, and keyed, by their %g text
+    return list(distinct.values())
 
 
 def _provenance(run: store.Run) -> store.Provenance:
@@ -159,15 +219,52 @@ def _script_changed(run: store.Run, prov: store.Provenance, notes: list[str]) ->
     return False
 
 
-def _auto_max_norm(run: store.Run) -> float:
-    """The max_norm ``gradscope recommend`` gives by its default rule, for the first optimizer."""
+def _auto_max_norm(run: store.Run, optimizers: dict[int, str]) -> Thresholds:
+    """Each optimizer's own max_norm, as ``gradscope recommend`` gives it by its default rule."""
     from gradscope.recommend import recommend
 
-    value = recommend(run)[0].max_norm  # one Recommendation per optimizer, in optimizer order
+    by_index = {rec.optimizer: rec.max_norm for rec in recommend(run)}
+    values = []
+    for index, name in optimizers.items():
+        value = by_index.get(index, math.nan)
+        if not math.isfinite(value) or value <= 0:
+            raise NoDataError(f"gradscope recommend found no finite gradient norm for {name} in run {run.id} to "
+                              "choose a max_norm from; give thresholds with --max-norm 0.5,1 (or X/Y per optimizer)")
+        values.append(float(value))
+    return Thresholds.every(values[0]) if len(values) == 1 else Thresholds.per_optimizer(values)
+
+
+def _auto_clip_value(run: store.Run) -> float:
+    """``gradscope recommend``'s clip_grad_value_ threshold, when it gives one (the same for every optimizer)."""
+    from gradscope.recommend import recommend
+
+    found = {rec.clip_value for rec in recommend(run)} - {None}
+    if len(found) != 1:
+        why = ("gives no value-clipping threshold for this run" if not found
+               else "gives a different one per optimizer, and clip_grad_value_ is injected as one value")
+        raise UsageError(f"--clip-value auto: gradscope recommend {why}; give numbers, e.g. --clip-value 0.1")
+    value = float(found.pop())
     if not math.isfinite(value) or value <= 0:
-        raise NoDataError(f"gradscope recommend found no finite gradient norm in run {run.id} to choose a max_norm "
-                          "from; give thresholds with --max-norm 0.5,1")
-    return float(value)
+        raise NoDataError(f"gradscope recommend found no finite value-clipping threshold in run {run.id}")
+    return value
+
+
+def _interpreter(run: store.Run, prov: store.Provenance, chosen: str | None, notes: list[str]) -> str:
+    """The interpreter the arms run with: ``--python``, else the recorded one, else this one (with a note)."""
+    if chosen is not None:
+        path = os.path.abspath(os.path.expanduser(chosen))  # a symlink stays itself: its venv is where it sits
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise UsageError(f"--python {chosen}: no executable file there")
+        return path
+    recorded = prov.executable
+    if recorded is None:
+        notes.append(f"run {run.id} does not record its interpreter (an older gradscope recorded it): the arms "
+                     f"run with this one, {sys.executable}; choose another with --python PATH")
+        return sys.executable
+    if not os.path.isfile(recorded):
+        raise GradscopeError(f"the interpreter {recorded} that ran run {run.id} no longer exists; "
+                             "choose one with --python PATH")
+    return recorded
 
 
 def _seeds(run: store.Run, n: int, notes: list[str]) -> list[int]:
@@ -184,15 +281,19 @@ def _can_reuse_baseline(run: store.Run, options: CompareOptions, cap: int | None
     """The recorded run is the baseline's first seed when it is exactly what that arm would record."""
     clipping = run.meta.clipping
     script_clipped = clipping.script_clip_calls and not clipping.script_clip_disabled
+    injected = (clipping.injected_max_norm is not None or any(v is not None for v in clipping.injected_max_norms)
+                or clipping.injected_clip_value is not None)
+    recorded_python = run.meta.provenance.executable if run.meta.provenance else None
     reasons = [
         (run.meta.seed is None, None),  # already noted by _seeds
         (run.status != "complete" or not run.compacted, f"it is {run.status}"),
-        (clipping.injected_max_norm is not None, "gradscope injected clipping into it"),
+        (injected, "gradscope injected clipping into it"),
         (bool(script_clipped), f"the script clips ({clipping.script_clip_function}, "
-                               f"max_norm={clipping.script_max_norm})"),
+                               f"threshold {clipping.script_clip_value or clipping.script_max_norm})"),
         (script_changed, "its script changed"),
         (options.max_time is not None, "--max-time makes arm lengths differ from it"),
         (cap is not None and cap > n_steps, f"it has {n_steps} steps, fewer than --steps {cap}"),
+        (options.python is not None and options.python != recorded_python, "--python names another interpreter"),
     ]
     why = [reason for failed, reason in reasons if failed and reason]
     if why:
@@ -200,22 +301,44 @@ def _can_reuse_baseline(run: store.Run, options: CompareOptions, cap: int | None
     return not any(failed for failed, _ in reasons)
 
 
+def _tag(clip: Clip) -> str:
+    """The arm's part of its run label: file-name safe (no '/')."""
+    if clip.clip_value is not None:
+        return f"value{clip.clip_value:g}"
+    if clip.max_norm is not None:
+        return "clip" + "-".join(f"{v:g}" for v in clip.max_norm.values)
+    return "base"
+
+
 def _arm_specs(plan: Plan, reuse_baseline: bool) -> list[ArmSpec]:
     """Seed-major order (every arm of seed 0, then of seed 1...): after Ctrl-C, what finished is a
-    fair comparison of whole seeds rather than all seeds of one arm and none of another."""
+    fair comparison of whole seeds rather than all seeds of one arm and none of another. Seed k is
+    the same for every arm: the verdict pairs arms by seed."""
     stem = Path(plan.provenance.target).stem.replace(".", "_") or "script"
     specs = []
     for k, seed in enumerate(plan.seeds):
-        for max_norm in [None, *plan.thresholds]:
-            tag = "base" if max_norm is None else f"clip{max_norm:g}"
-            reuse = reuse_baseline and max_norm is None and k == 0
-            specs.append(ArmSpec(arm_key(max_norm), max_norm, seed, f"{stem}-compare-{tag}-s{seed}", reuse))
+        for clip in [Clip(), *plan.clips]:
+            reuse = reuse_baseline and clip.is_baseline and k == 0
+            specs.append(ArmSpec(clip, seed, f"{stem}-compare-{_tag(clip)}-s{seed}", reuse))
     return specs
 
 
+def per_optimizer(plan: Plan, thresholds: Thresholds | None) -> list[float | None] | None:
+    """``thresholds`` as one value (or None) per optimizer of the run, for JSON."""
+    return None if thresholds is None else [thresholds.of(k) for k in plan.optimizers]
+
+
 def describe(plan: Plan) -> dict[str, Any]:
-    """What the plan will do, for the JSON report and the first line on screen."""
+    """What the plan will do, for the JSON report and the first lines on screen."""
     return {"run": plan.run.id, "run_path": str(plan.run.path), "script": plan.provenance.script_path,
-            "cwd": str(plan.cwd), "target": plan.target, "thresholds": plan.thresholds, "seeds": plan.seeds,
-            "auto_max_norm": plan.auto_max_norm, "step_cap": plan.step_cap, "max_time": plan.max_time,
+            "cwd": str(plan.cwd), "target": plan.target, "python": plan.python,
+            "optimizers": [{"index": k, "name": name} for k, name in plan.optimizers.items()],
+            "arms_planned": [c.title for c in plan.clips],
+            "auto_max_norm": per_optimizer(plan, plan.auto_max_norm), "auto_clip_value": plan.auto_clip_value,
+            "seeds": plan.seeds, "step_cap": plan.step_cap, "max_time": plan.max_time,
             "baseline_reused": any(s.reuse for s in plan.arms)}
+
+
+def shell_line(argv: list[str]) -> str:
+    """A command line as a person would paste it into a POSIX shell."""
+    return shlex.join(argv)

@@ -20,12 +20,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from gradscope import jsondoc
-from gradscope.compare.arms import ArmOutcome, CompareResult
-from gradscope.compare.metrics import METRICS, ArmResult, SeedResult, arm_title
-from gradscope.compare.plan import ArmSpec, Plan, describe
+from gradscope.compare.arms import ArmOutcome, CompareResult, arm_argv
+from gradscope.compare.metrics import METRICS, ArmResult, SeedResult
+from gradscope.compare.plan import ArmSpec, Plan, describe, per_optimizer, shell_line
+from gradscope.compare.verdict import CONFIDENCE, MIN_PAIRS, TEST, Effect
 
 JSON_FORMAT = "gradscope-compare"
-JSON_SCHEMA_VERSION = 1  # an integer: bump when a key of compare.json changes meaning or goes away
+JSON_SCHEMA_VERSION = 2  # an integer: bump when a key of compare.json changes meaning or goes away
 
 
 class ArmProgress:
@@ -57,7 +58,7 @@ class ArmProgress:
 
     def arm_started(self, spec: ArmSpec, index: int, total: int, log_path: Path) -> None:
         """A new arm's subprocess is about to start."""
-        self._label = f"arm {index + 1}/{total} {arm_title(spec)} seed {spec.seed}"
+        self._label = f"arm {index + 1}/{total} {spec.clip.title} seed {spec.seed}"
         if self._progress is not None:
             self._task = self._progress.add_task(self._label, total=self.total_steps)
 
@@ -77,18 +78,49 @@ class ArmProgress:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
+def _say(console: Console, text: str) -> None:
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def print_plan(plan: Plan, console: Console | None = None) -> None:
-    """The notes (warnings) of the plan and one line saying what will run, on stderr."""
+    """The notes, what will run, and the exact command, directory and interpreter of every arm (stderr).
+
+    The arms rerun the user's script in its own working directory: whatever it writes there
+    (checkpoints, logs) is written again, so that is said before anything runs.
+    """
     console = console or Console(stderr=True)
     for note in plan.notes:
-        console.print(f"gradscope: {note}", markup=False, highlight=False, soft_wrap=True)
-    runs = sum(not s.reuse for s in plan.arms)
+        _say(console, f"gradscope: {note}")
+    runs = [s for s in plan.arms if not s.reuse]
     cap = f", {plan.step_cap} steps each" if plan.step_cap else ""
-    auto = f" (auto = {plan.auto_max_norm:.4g}, gradscope recommend's p95)" if plan.auto_max_norm else ""
-    thresholds = ", ".join(f"{t:g}" for t in plan.thresholds)
-    console.print(f"gradscope: comparing run {plan.run.id}: max_norm {thresholds}{auto} against {arm_title(None)}, "
-                  f"seeds {', '.join(map(str, plan.seeds))}: {runs} runs{cap}", markup=False, highlight=False,
-                  soft_wrap=True)
+    auto = ""
+    if plan.auto_max_norm is not None:
+        auto = f" (auto: each optimizer's gradscope recommend p95, {'/'.join(f'{v:.4g}' for v in plan.auto_max_norm.values)})"
+    if plan.auto_clip_value is not None:
+        auto += f" (clip_value auto: gradscope recommend's, {plan.auto_clip_value:.4g})"
+    arms = ", ".join(c.title for c in plan.clips)
+    _say(console, f"gradscope: comparing run {plan.run.id}: {arms}{auto} against no clipping, seeds "
+                  f"{', '.join(map(str, plan.seeds))} (paired across arms): {len(runs)} runs{cap}")
+    for name in plan.optimizers.values():
+        _say(console, f"gradscope:   {name}")
+    _say(console, f"gradscope: every arm runs in {plan.cwd} with {plan.python}, with this environment "
+                  "(GRADSCOPE_PROFILING removed)")
+    _say(console, f"gradscope: warning: the arms run your script again in {plan.cwd}: whatever it writes there "
+                  "(checkpoints, logs, outputs) is written again, once per arm")
+    for spec in runs:
+        _say(console, f"gradscope:   $ {shell_line(arm_argv(plan, spec))}")
+
+
+def dry_run(plan: Plan, as_json: bool = False) -> int:
+    """``--dry-run``: print the plan (stdout) and run nothing. Returns exit code 0."""
+    if as_json:
+        commands = [{"arm": s.arm, "seed": s.seed, "argv": arm_argv(plan, s)} for s in plan.arms if not s.reuse]
+        print(json.dumps(jsondoc.document(JSON_FORMAT, JSON_SCHEMA_VERSION, {
+            **describe(plan), "notes": plan.notes, "dry_run": True, "commands": commands}), indent=2))
+    else:
+        print_plan(plan, _stdout_console())
+        print("gradscope: --dry-run: nothing was run", flush=True)
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,49 +154,79 @@ def _status(arm: ArmResult) -> str:
     return "; ".join(parts) or ("ok (seed 0 is the recorded run)" if reused else "ok")
 
 
+def _effect_cell(effect: Effect | None) -> str:
+    """The paired difference of final losses and its interval, as the verdict reads it."""
+    if effect is None:
+        return "-"
+    diff = effect.diff
+    if diff is None:
+        return "could not compare"
+    text = f"{diff.mean:+.3g}"
+    if diff.low is not None and diff.high is not None:
+        text += f" [{diff.low:+.3g}, {diff.high:+.3g}]"
+    return text + (f" (n={diff.n}, indicative)" if diff.n < MIN_PAIRS else f" (n={diff.n})")
+
+
 #: Table columns: heading, metric, significant digits, shown as a percentage.
 COLUMNS = (("final loss", "final_loss", 4, False), ("best loss", "best_loss", 4, False),
            ("volatility", "volatility", 3, False), ("loss spikes", "loss_spikes", 3, False),
            ("norm spikes", "norm_spikes", 3, False), ("non-finite", "nonfinite", 3, False),
            ("clipped", "clipped_fraction", 3, True), ("train time (s)", "train_time_s", 3, False))
+DIFF_HEADING = "vs no clipping [95% CI]"  # the final-loss difference: kept whole on one line
 WIDE_TABLE_COLUMNS = 130  # narrower consoles get one column per arm instead of one row per arm
 
 
-def comparison_table(result: CompareResult, width: int = 200) -> Table:
-    """Every metric of every arm: the mean over finished seeds, ± their standard deviation.
+def _rows(result: CompareResult) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """Row names (arm, and optimizer when there are several) and the cells of every column."""
+    comparison = result.comparison
+    arms = comparison.arms
+    several = len(comparison.names) > 1
+    names = [f"{a.title} | {comparison.names[a.optimizer]}" if several else a.title for a in arms]
+    effects = {(e.optimizer, e.arm): e for e in comparison.verdict.effects}
+    cells = [(h, [_cell(a, m, d, p) for a in arms]) for h, m, d, p in COLUMNS]
+    cells.insert(1, (DIFF_HEADING, [_effect_cell(effects.get((a.optimizer, a.arm))) for a in arms]))
+    cells.append(("status", [_status(a) for a in arms]))
+    return names, cells
 
-    One row per arm on a wide console; on a narrow one the table is transposed (one column per
-    arm), which keeps the ``mean ± std`` cells whole.
+
+def comparison_table(result: CompareResult, width: int = 200) -> Table:
+    """Every metric of every arm (per optimizer): the mean over finished seeds, ± their standard
+    deviation, and the paired difference to no clipping with its 95% interval.
+
+    One row per arm and optimizer on a wide console; on a narrow one the table is transposed (one
+    column per arm), which keeps the ``mean ± std`` cells whole.
     """
     n_seeds = len(result.plan.seeds)
     title = f"gradscope compare: run {result.plan.run.id}" + (f" ({n_seeds} seeds: mean ± std)" if n_seeds > 1 else "")
-    arms = result.comparison.arms
-    rows = [(heading, [_cell(a, metric, digits, percent) for a in arms]) for heading, metric, digits, percent in COLUMNS]
-    rows.append(("status", [_status(a) for a in arms]))
+    names, rows = _rows(result)
     table = Table(title=title, title_justify="left")
     if width >= WIDE_TABLE_COLUMNS:
         table.add_column("arm", no_wrap=True)
         for heading, _ in rows:
-            table.add_column(heading, justify="left" if heading == "status" else "right")
-        for index, arm in enumerate(arms):
-            table.add_row(arm_title(arm), *(cells[index] for _, cells in rows))
+            table.add_column(heading, justify="left" if heading == "status" else "right",
+                             no_wrap=heading == DIFF_HEADING)
+        for index, name in enumerate(names):
+            table.add_row(name, *(cells[index] for _, cells in rows))
         return table
     table.add_column("", no_wrap=True)
-    for arm in arms:
-        table.add_column(arm_title(arm), justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
     for heading, cells in rows:
         table.add_row(heading, *cells)
     return table
 
 
 def print_report(result: CompareResult, console: Console | None = None) -> None:
-    """The table, the verdict line, and where the plots, logs and JSON are (stdout)."""
+    """The table, the verdict (one line per arm and optimizer, then the summary), and where the files are."""
     console = console or Console()
     console.print(comparison_table(result, console.width))
-    console.print(f"verdict: {result.comparison.verdict.text}", markup=False, highlight=False, soft_wrap=True)
+    _say(console, f"verdict: by the {TEST}; an effect is claimed only when the interval excludes 0 with "
+                  f"{MIN_PAIRS}+ paired seeds")
+    for line in result.comparison.verdict.text.splitlines():
+        _say(console, f"  {line}")
     for name, path in result.plots.items():
-        console.print(f"plot ({name}): {path}", markup=False, highlight=False, soft_wrap=True)
-    console.print(f"arm logs and compare.json: {result.out_dir}", markup=False, highlight=False, soft_wrap=True)
+        _say(console, f"plot ({name}): {path}")
+    _say(console, f"arm logs and compare.json: {result.out_dir}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,33 +234,52 @@ def print_report(result: CompareResult, console: Console | None = None) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _seed_json(seed: SeedResult, logs: dict[tuple[str, int], ArmOutcome], arm: str) -> dict[str, Any]:
-    outcome = logs.get((arm, seed.seed))
+def _seed_json(seed: SeedResult, outcome: ArmOutcome | None) -> dict[str, Any]:
+    """A seed's run: identity, status and how its subprocess ended."""
     return {"seed": seed.seed, "run_id": seed.run_id, "status": seed.status, "error": seed.error,
-            "reused_recorded_run": seed.reused, "n_steps": seed.n_steps,
-            "first_nonfinite_step": seed.first_nonfinite_step, **seed.metrics,
-            "final_loss_nonfinite": not math.isfinite(seed.metrics["final_loss"]) and seed.n_steps > 0,
-            "wall_s": outcome.wall_s if outcome else None, "exit_code": outcome.exit_code if outcome else None,
-            "log": outcome.log_path if outcome else None}
+            "reused_recorded_run": seed.reused, "wall_s": outcome.wall_s if outcome else None,
+            "exit_code": outcome.exit_code if outcome else None, "log": seed.log}
 
 
-def _arm_json(arm: ArmResult, logs: dict[tuple[str, int], ArmOutcome]) -> dict[str, Any]:
-    return {"arm": arm.arm, "title": arm_title(arm), "max_norm": arm.max_norm, "n_seeds": len(arm.seeds),
-            "n_finished": arm.n_counted,
-            "mean": {m: arm.mean(m) for m in METRICS}, "std": {m: arm.std(m) for m in METRICS},
-            "seeds": [_seed_json(s, logs, arm.arm) for s in arm.seeds]}
+def _optimizer_json(arm: ArmResult, name: str) -> dict[str, Any]:
+    seeds = [{"seed": s.seed, "status": s.status, "n_steps": s.n_steps, "first_nonfinite_step": s.first_nonfinite_step,
+              "final_loss_nonfinite": not math.isfinite(s.metrics["final_loss"]) and s.n_steps > 0, **s.metrics}
+             for s in arm.seeds]
+    return {"optimizer": arm.optimizer, "name": name, "max_norm": arm.max_norm, "n_finished": arm.n_counted,
+            "mean": {m: arm.mean(m) for m in METRICS}, "std": {m: arm.std(m) for m in METRICS}, "seeds": seeds}
+
+
+def _arms_json(result: CompareResult) -> list[dict[str, Any]]:
+    comparison, plan = result.comparison, result.plan
+    outcomes = {(o.spec.arm, o.spec.seed): o for o in result.outcomes}
+    out: dict[str, dict[str, Any]] = {}
+    for arm in comparison.arms:
+        entry = out.get(arm.arm)
+        if entry is None:
+            entry = out[arm.arm] = {
+                "arm": arm.arm, "title": arm.title, "max_norm": per_optimizer(plan, arm.clip.max_norm),
+                "clip_value": arm.clip.clip_value, "n_seeds": len(arm.seeds),
+                "seeds": [_seed_json(s, outcomes.get((arm.arm, s.seed))) for s in arm.seeds], "optimizers": []}
+        entry["optimizers"].append(_optimizer_json(arm, comparison.names[arm.optimizer]))
+    return list(out.values())
+
+
+def _verdict_json(result: CompareResult) -> dict[str, Any]:
+    verdict = result.comparison.verdict
+    effects = [{"optimizer": e.optimizer, "arm": e.arm, "claim": e.claim, "n_pairs": e.diff.n if e.diff else 0,
+                "mean_diff": e.diff.mean if e.diff else None, "ci_low": e.diff.low if e.diff else None,
+                "ci_high": e.diff.high if e.diff else None, "relative": e.relative, "text": e.text}
+               for e in verdict.effects]
+    return {"metric": "final_loss", "test": TEST, "confidence": CONFIDENCE, "min_pairs": MIN_PAIRS,
+            "best": verdict.best, "effects": effects, "summary": verdict.summary, "text": verdict.text}
 
 
 def to_json(result: CompareResult) -> dict[str, Any]:
     """The whole comparison as a JSON-ready dict (the shape of compare.json; see docs/compare.md)."""
-    logs = {(o.spec.arm, o.spec.seed): o for o in result.outcomes}
-    verdict = result.comparison.verdict
     return jsondoc.document(JSON_FORMAT, JSON_SCHEMA_VERSION, {
         **describe(result.plan),
         "notes": result.plan.notes, "out_dir": result.out_dir,
-        "arms": [_arm_json(a, logs) for a in result.comparison.arms],
-        "verdict": {"best": verdict.best, "exceeds_seed_spread": verdict.exceeds_spread, "gap": verdict.gap,
-                    "spread": verdict.spread, "text": verdict.text},
+        "arms": _arms_json(result), "verdict": _verdict_json(result),
         "plots": result.plots, "interrupted": result.interrupted, "exit_code": result.exit_code,
         "error": result.error,
     })

@@ -4,7 +4,9 @@ Reads the store only; never imports torch. The data flows through the modules in
 
 * ``steps.py`` reads the steps table and picks each optimizer's used steps;
 * ``layers.py`` streams the layers table once for per-layer statistics;
-* ``analysis.py`` turns both into one :class:`Recommendation` per optimizer (:func:`recommend`);
+* ``values.py`` reads each step's largest |gradient| when the run clipped by value;
+* ``analysis.py`` turns them into one :class:`Recommendation` per optimizer (:func:`recommend`),
+  with ``schedule.py`` (a warm-up or the early steps) and ``notes.py`` (the warnings);
 * ``model.py`` holds the result's dataclasses, ``view.py`` renders them (text or JSON).
 """
 
@@ -12,13 +14,13 @@ from gradscope.recommend.analysis import (
     DEFAULT_PERCENTILE,
     PERCENTILE_METHOD,
     SPIKES_SHOWN,
-    WARMUP_MAX_STEPS,
     recommend,
     status_note,
 )
 from gradscope.recommend.layers import LAYER_BATCH_ROWS
 from gradscope.recommend.model import (
     ClipRate,
+    Closure,
     Distribution,
     LayerShare,
     LayerStats,
@@ -27,9 +29,12 @@ from gradscope.recommend.model import (
     Recommendation,
     Spike,
     Spikes,
+    ValueClipping,
     Warmup,
 )
+from gradscope.recommend.notes import MIN_PERCENTILE_STEPS
+from gradscope.recommend.schedule import WARMUP_MAX_STEPS
 
-__all__ = ["DEFAULT_PERCENTILE", "LAYER_BATCH_ROWS", "PERCENTILE_METHOD", "SPIKES_SHOWN", "WARMUP_MAX_STEPS",
-           "ClipRate", "Distribution", "LayerShare", "LayerStats", "NonFinite", "Note", "Recommendation", "Spike",
-           "Spikes", "Warmup", "recommend", "status_note"]
+__all__ = ["DEFAULT_PERCENTILE", "LAYER_BATCH_ROWS", "MIN_PERCENTILE_STEPS", "PERCENTILE_METHOD", "SPIKES_SHOWN",
+           "WARMUP_MAX_STEPS", "ClipRate", "Closure", "Distribution", "LayerShare", "LayerStats", "NonFinite", "Note",
+           "Recommendation", "Spike", "Spikes", "ValueClipping", "Warmup", "recommend", "status_note"]

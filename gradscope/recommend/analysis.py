@@ -21,14 +21,13 @@ streamed once (``layers.py``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
 from gradscope.errors import NoDataError, UsageError
 from gradscope.recommend.layers import LAYER_BATCH_ROWS, LayerData, LayerPlan, scan_layers
 from gradscope.recommend.model import (
     ClipRate,
+    Closure,
     Distribution,
     LayerShare,
     NonFinite,
@@ -36,9 +35,18 @@ from gradscope.recommend.model import (
     Recommendation,
     Spike,
     Spikes,
-    Warmup,
 )
+from gradscope.recommend.notes import (
+    MIN_PERCENTILE_STEPS,
+    clipping_notes,
+    count_notes,
+    first_steps_notes,
+    nonfinite_notes,
+    value_notes,
+)
+from gradscope.recommend.schedule import first_steps
 from gradscope.recommend.steps import CLIP_SOURCES, OptimizerView, read_steps, select_optimizers
+from gradscope.recommend.values import read_step_max_abs, value_clipping
 from gradscope.stats import NORM_SPIKE, clip_rate, percentile_of_sorted
 from gradscope.store import Run
 
@@ -52,17 +60,9 @@ COMMON_DEFAULTS = ((1.0, "common default (transformers)"), (5.0, "common default
 SPIKES_SHOWN = 10
 #: Layers named per spike: those carrying the largest share of the squared norm at that step.
 SPIKE_LAYERS_SHOWN = 3
-#: Without an lr ramp in the data, the warm-up window is the first 10% of steps, at most this many.
-WARMUP_MAX_STEPS = 1000
-#: The warm-up dominates the tail when at least this share of the clipped steps falls inside it.
-WARMUP_DOMINATES = 0.5
 #: Percentile at or above which the threshold is a spike guard, at or below which it normalizes.
 SPIKE_GUARD_MIN_P = 80.0
 NORMALIZATION_MAX_P = 25.0
-#: Clipping more often than this is flagged: a threshold meant for rare events fires routinely.
-FREQUENT_CLIP_RATE = 0.2
-#: Below this many used steps, percentiles (and p99 above all) rest on a handful of values.
-FEW_STEPS = 100
 #: Non-finite layers named for the first non-finite step.
 NONFINITE_LAYERS_SHOWN = 10
 
@@ -100,14 +100,17 @@ def recommend(run: Run, percentile: float = DEFAULT_PERCENTILE, skip_steps: int 
         raise NoDataError(f"run {run.id} recorded no optimizer step: nothing to recommend from")
     views, empty = select_optimizers(run, steps, optimizer, skip_steps)
     plans = {k: _layer_plan(view, percentile) for k, view in views.items()}
+    single = len(np.unique(steps["optimizer"])) == 1
     if with_layers:
-        single = len(np.unique(steps["optimizer"])) == 1
         layer_data = scan_layers(run, plans, single, layer_batch_rows)
     else:
         layer_data = {k: LayerData() for k in plans}
+    # Value clipping's evidence is a few columns of one pass, and compare's `--clip-value auto` needs it
+    # without the per-layer statistics: read it whether or not with_layers.
+    max_abs = read_step_max_abs(run, views, single, layer_batch_rows)
     notes = _run_notes(empty)
     return [
-        _recommend_one(run, view, percentile, skip_steps, layer_data[k], notes)
+        _recommend_one(run, view, percentile, skip_steps, (layer_data[k], max_abs.get(k)), notes)
         for k, view in sorted(views.items())
     ]
 
@@ -179,17 +182,27 @@ def _fmt_p(p: float) -> str:
     return f"{p:g}"
 
 
-def _intent(percentile: float, rate: float) -> tuple[str, str]:
-    """Name what a threshold at ``percentile`` does: guard against spikes, or normalize every step."""
+def _intent(percentile: float, rate: float, n_used: int) -> tuple[str, str]:
+    """Name what a threshold at ``percentile`` does: guard against spikes, or normalize every step.
+
+    The measured rate is quoted only when it agrees with the percentile's promise; with too few steps
+    for a percentile, or ties that make it clip far more or less than ~(100-P)%, the text says that instead.
+    """
     p, share = _fmt_p(percentile), f"{rate:.1%}"
+    if n_used < MIN_PERCENTILE_STEPS:
+        return "too-few-steps", (f"none can be read from {n_used} used step{'s' * (n_used != 1)}: a p{p} needs at "
+                                 f"least {MIN_PERCENTILE_STEPS}; max_norm is indicative only")
+    expected = (100.0 - percentile) / 100.0
+    measured = (f"({share} of steps here)" if abs(rate - expected) <= max(0.5 * expected, 2.0 / n_used)
+                else f"(yet {share} of steps here: many steps share the same norm)")
     if percentile >= SPIKE_GUARD_MIN_P:
         return "spike-guard", (f"spike guard: p{p} leaves typical steps alone and scales down only the largest "
-                               f"~{100 - percentile:g}% ({share} of steps here)")
+                               f"~{100 - percentile:g}% {measured}")
     if percentile <= NORMALIZATION_MAX_P:
-        return "normalization", (f"normalization: p{p} scales down most steps ({share} here), as AutoClip's p10 "
+        return "normalization", (f"normalization: p{p} scales down most steps {measured}, as AutoClip's p10 "
                                  f"does; clipping then rescales nearly every update rather than catching spikes")
-    return "intermediate", (f"in between: p{p} clips {share} of steps, more than a spike guard (p95-p99) and "
-                            f"fewer than AutoClip-style normalization (p10)")
+    return "intermediate", (f"in between: p{p} clips ~{100 - percentile:g}% of steps {measured}, more than a spike "
+                            f"guard (p95-p99) and fewer than AutoClip-style normalization (p10)")
 
 
 def _top_spikes(view: OptimizerView) -> np.ndarray:
@@ -240,43 +253,21 @@ def _nonfinite(view: OptimizerView, layers: LayerData) -> NonFinite:
     return NonFinite(count, not_skipped, first, skipped, bad[0] if bad else None, shown, len(bad))
 
 
-def _warmup(view: OptimizerView, percentile: float, max_norm: float, skip_steps: int) -> Warmup | None:
-    """Share of the clipped steps that fall in the warm-up window, and the threshold without it."""
-    norms = view.norms
-    if len(norms) < 20:
-        return None
-    window, basis = _warmup_window(view.cols["lr"][view.used], len(norms))
-    clipped = norms > max_norm
-    n_clipped = int(clipped.sum())
-    share = float(clipped[:window].sum() / n_clipped) if n_clipped else None
-    rest = norms[window:]
-    without = float(np.percentile(rest, percentile))
-    _, rate_without, _ = clip_rate(rest, max_norm)
-    skip = int(view.used_steps[window] - view.first_step)
-    dominates = share is not None and share >= WARMUP_DOMINATES
-    return Warmup(window, basis, max(skip, skip_steps), share, dominates, without, rate_without)
-
-
-def _warmup_window(lr: np.ndarray, n: int) -> tuple[int, str]:
-    """The lr warm-up length when the lr visibly ramps up to its peak early, else the first 10%."""
-    finite = np.isfinite(lr)
-    if finite.all() and n:
-        peak = int(np.argmax(lr))  # first step at the peak learning rate
-        if lr[0] < 0.99 * lr[peak] and 0 < peak <= n // 2:
-            return peak, "lr-ramp"
-    return max(1, min(n // 10, WARMUP_MAX_STEPS)), "first-10%"
-
-
 def _recommend_one(run: Run, view: OptimizerView, percentile: float, skip_steps: int,
-                   layers: LayerData, run_notes: list[Note]) -> Recommendation:
+                   evidence: tuple[LayerData, np.ndarray | None], run_notes: list[Note]) -> Recommendation:
+    layers, step_max_abs = evidence
     max_norm = float(percentile_of_sorted(view.sorted_norms, percentile)[0])
     _, rate, _ = clip_rate(view.sorted_norms, max_norm)
-    intent, intent_text = _intent(percentile, rate)
     distribution = _distribution(view, skip_steps)
+    intent, intent_text = _intent(percentile, rate, distribution.n_used)
     candidates = _candidates(view, percentile, max_norm)
-    warmup = _warmup(view, percentile, max_norm, skip_steps)
+    warmup = first_steps(view, percentile, max_norm, skip_steps)
     nonfinite = _nonfinite(view, layers)
-    notes = run_notes + _notes(distribution, candidates, rate, warmup, nonfinite, max_norm)
+    values = value_clipping(run, view, step_max_abs, percentile)
+    closure = _closure(run, view)
+    notes = [*run_notes, *count_notes(distribution, percentile, closure),
+             *clipping_notes(candidates, rate, max_norm, enough=distribution.n_used >= MIN_PERCENTILE_STEPS),
+             *value_notes(values), *first_steps_notes(warmup), *nonfinite_notes(distribution, nonfinite)]
     return Recommendation(
         run_id=run.id, run_path=str(run.path), run_status=run.status, complete=run.complete,
         status_note=status_note(run, view.cols["step"]), optimizer=view.index, optimizer_label=view.label,
@@ -284,7 +275,26 @@ def _recommend_one(run: Run, view: OptimizerView, percentile: float, skip_steps:
         skip_steps=skip_steps, max_norm=max_norm, clip_rate=rate, intent=intent, intent_text=intent_text,
         distribution=distribution, clip_rates=candidates, spikes=_spikes(view, layers.at_step),
         nonfinite=nonfinite, warmup=warmup, layers=layers.stats, notes=tuple(notes),
+        clip_value=None if values is None else values.clip_value, value_clipping=values, closure=closure,
     )
+
+
+#: Optimizers whose step evaluates a closure several times, for runs that did not count evaluations.
+CLOSURE_CLASSES = ("LBFGS",)
+
+
+def _closure(run: Run, view: OptimizerView) -> Closure | None:
+    """Steps and closure evaluations of a closure optimizer; ``None`` for any other optimizer."""
+    entry = next((o for o in run.meta.optimizers if o.index == view.index), None)
+    if entry is None:
+        return None
+    n_steps = len(view.cols["step"])
+    evaluations = entry.n_evaluations
+    if evaluations > 0:
+        return Closure(n_steps, evaluations, evaluations / n_steps if n_steps else None)
+    if entry.class_name in CLOSURE_CLASSES:  # a run recorded before evaluations were counted
+        return Closure(n_steps, None, None)
+    return None
 
 
 def status_note(run: Run, steps: np.ndarray) -> str | None:
@@ -308,53 +318,3 @@ def status_note(run: Run, steps: np.ndarray) -> str | None:
 def _run_notes(empty: list[str]) -> list[Note]:
     """Notes about the run as a whole: optimizers left without a recommendation, and why."""
     return [Note("optimizer-without-data", f"no recommendation for it: {why}") for why in empty]
-
-
-def _notes(dist: Distribution, candidates: Sequence[ClipRate], rate: float, warmup: Warmup | None,
-           nonfinite: NonFinite, max_norm: float) -> list[Note]:
-    """The warnings that apply, each with a stable slug (listed in docs/recommend.md)."""
-    notes = []
-    if dist.n_used < FEW_STEPS:
-        notes.append(Note("few-steps", f"only {_steps(dist.n_used)} used: the tail percentiles rest on a handful "
-                                       f"of values; record a longer run for a firmer number"))
-    if rate >= FREQUENT_CLIP_RATE:
-        notes.append(Note("frequent-clipping", f"max_norm={max_norm:.4g} clips {rate:.0%} of steps. " + SYMPTOM))
-    for row in candidates:
-        if row.source == "script" and row.clip_rate >= FREQUENT_CLIP_RATE:
-            notes.append(Note("script-clips-often", f"the script's own max_norm={row.threshold:.4g} clips "
-                                                    f"{row.clip_rate:.0%} of steps. " + SYMPTOM))
-    if warmup is not None and warmup.dominates and warmup.tail_share is not None:
-        notes.append(Note("warmup-dominates", (
-            f"{warmup.tail_share:.0%} of the steps above max_norm fall in the first {warmup.window} steps "
-            f"(warm-up); without them max_norm would be {warmup.max_norm_without:.4g}: "
-            f"try --skip-steps {warmup.skip_steps}")))
-    notes += _nonfinite_notes(dist, nonfinite)
-    if max_norm <= 0:
-        notes.append(Note("zero-threshold", "max_norm is 0: most gradients are exactly zero, and clipping "
-                                            "at 0 would zero every update; check that the model trains"))
-    return notes
-
-
-#: The advice every frequent-clipping warning ends with.
-SYMPTOM = ("Frequent clipping is a symptom, not a cure: a learning rate that is too high, a missing or too "
-           "short warm-up, or mixed-precision trouble (gradients clipped before GradScaler.unscale_) all "
-           "show up as norms above a threshold meant for rare spikes. Fix the cause, or choose "
-           "normalization on purpose (AutoClip's p10).")
-
-
-def _nonfinite_notes(dist: Distribution, nonfinite: NonFinite) -> list[Note]:
-    notes = []
-    if dist.n_skipped:
-        notes.append(Note("amp-skipped", f"{_steps(dist.n_skipped)} skipped by GradScaler (inf/NaN found, "
-                                         f"routine under fp16 loss scaling); they are left out"))
-    real = nonfinite.count_not_skipped
-    if real > 0 and nonfinite.first_step is not None:
-        where = f", first non-finite layer {nonfinite.first_layer}" if nonfinite.first_layer else ""
-        notes.append(Note("nonfinite-steps", (
-            f"{_steps(real)} had a non-finite gradient norm that GradScaler did not skip (first at step "
-            f"{nonfinite.first_step}{where}); clipping cannot repair inf/NaN gradients, it turns them into NaN")))
-    return notes
-
-
-def _steps(n: int) -> str:
-    return f"{n} step" if n == 1 else f"{n} steps"

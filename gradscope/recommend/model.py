@@ -86,15 +86,23 @@ class NonFinite:
 
 @dataclass(frozen=True)
 class Warmup:
-    """Whether the first steps dominate the tail, and the threshold without them."""
+    """Whether the first steps dominate the tail, and the threshold without them.
 
-    window: int  # used steps in the warm-up window
+    The window is a *warm-up* only when the recorded lr rises over it (``basis == "lr-ramp"``);
+    otherwise it is just the run's *early steps* at the lr the run started with.
+    """
+
+    window: int  # used steps in the window
     basis: str  # "lr-ramp" (the lr rose to its peak) or "first-10%"
     skip_steps: int  # the --skip-steps value that leaves the window out
     tail_share: float | None  # share of the clipped steps inside the window; None when nothing clipped
     dominates: bool
     max_norm_without: float | None  # the recommendation over the steps after the window
     clip_rate_without: float | None  # the full recommendation's clip rate over the steps after the window
+    kind: str = "early-steps"  # "warm-up" (the lr ramps up over the window) or "early-steps"
+    lr_first: float | None = None  # the lr of the first used step; None when not recorded
+    lr_after: float | None = None  # the lr of the first step after the window (a ramp's peak); None when not recorded
+    max_norm_without_clip_rate: float | None = None  # max_norm_without's clip rate over every used step
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,38 @@ class LayerStats:
     threshold: float  # at the requested percentile: a per-layer max_norm
     max: float
     sq_share: float  # this layer's share of the summed squared norms over all used steps
+
+
+@dataclass(frozen=True)
+class ValueClipping:
+    """``clip_grad_value_``: the largest |gradient| element of each step, and thresholds on it.
+
+    Built from the layers table's ``max_abs`` column (each tensor's largest |g| before clipping),
+    recorded on the steps where the script clips by value or value clipping is injected. A threshold
+    ``v`` clips a step when the step's largest |g| is greater than ``v``.
+    """
+
+    n_steps: int  # used steps with a recorded max |g|
+    median: float
+    p95: float
+    p99: float
+    max: float
+    clip_value: float  # the recommendation: the requested percentile of the per-step max |g|
+    clip_rate: float  # of clip_value over those steps
+    script_clip_value: float | None  # the value the script clipped with (meta.json)
+    script_n_clipped: int | None  # steps whose max |g| exceeded the script's value: the steps it changed
+    script_clip_rate: float | None
+    injected_clip_value: float | None  # a value gradscope injected (a compare arm)
+    injected_n_clipped: int | None
+
+
+@dataclass(frozen=True)
+class Closure:
+    """An optimizer whose ``step(closure)`` evaluates the loss several times per step (LBFGS)."""
+
+    n_steps: int  # optimizer steps recorded (rows of the steps table)
+    n_evaluations: int | None  # closure calls over the run; None when the run did not record them
+    per_step: float | None  # n_evaluations / n_steps
 
 
 @dataclass(frozen=True)
@@ -134,7 +174,7 @@ class Recommendation:
     skip_steps: int
     max_norm: float
     clip_rate: float  # of max_norm over the used steps
-    intent: str  # "spike-guard" | "normalization" | "intermediate"
+    intent: str  # "spike-guard" | "normalization" | "intermediate" | "too-few-steps"
     intent_text: str
     distribution: Distribution
     clip_rates: tuple[ClipRate, ...]  # ascending threshold
@@ -143,3 +183,6 @@ class Recommendation:
     warmup: Warmup | None  # None when too few steps to tell
     layers: tuple[LayerStats, ...]  # every layer, largest threshold first
     notes: tuple[Note, ...] = field(default=())
+    clip_value: float | None = None  # a clip_grad_value_ threshold, when the run recorded max |g|
+    value_clipping: ValueClipping | None = None  # the evidence for clip_value
+    closure: Closure | None = None  # set for closure optimizers (LBFGS)

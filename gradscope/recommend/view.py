@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from gradscope import __version__, jsondoc
-from gradscope.recommend.analysis import PERCENTILE_METHOD, WARMUP_MAX_STEPS
-from gradscope.recommend.model import Recommendation, Spike
+from gradscope.recommend.analysis import PERCENTILE_METHOD
+from gradscope.recommend.model import Recommendation, Spike, ValueClipping
+from gradscope.recommend.notes import MIN_PERCENTILE_STEPS
+from gradscope.recommend.schedule import WARMUP_MAX_STEPS, lr_evidence
 
 #: The ``format`` of the JSON document, and its ``schema_version``: bump it when a key changes
 #: meaning or goes away.
@@ -107,16 +109,57 @@ def blocks(rec: Recommendation) -> list[Block]:
     if rec.status_note:
         out.append(Line(rec.status_note, "bold yellow"))
     out += [
-        Line(f"max_norm = {_num(rec.max_norm, 6)}   p{rec.percentile:g} of the pre-clip global L2 norm over "
-             f"{rec.distribution.n_used} steps; clips {_pct(rec.clip_rate)} of them", "bold green"),
-        Line(f"intent: {rec.intent_text}"),
-        _distribution_table(rec), _clip_table(rec), *_spike_blocks(rec), _nonfinite_line(rec),
-        *_warmup_lines(rec), _layers_table(rec),
+        *_closure_lines(rec), _headline(rec), Line(f"intent: {rec.intent_text}"),
+        _distribution_table(rec), _clip_table(rec), *_value_blocks(rec.value_clipping), *_spike_blocks(rec),
+        _nonfinite_line(rec), *_warmup_lines(rec), _layers_table(rec),
     ]
     out += [Line(f"warning [{note.slug}]: {note.message}", "yellow") for note in rec.notes]
-    out.append(Line(f"use: torch.nn.utils.clip_grad_norm_(params, max_norm={_num(rec.max_norm, 6)})  "
-                    f"# params: what optimizer {rec.optimizer_label} updates", "bold"))
+    params = f"# params: what optimizer {rec.optimizer_label} updates"
+    use = "use" if rec.distribution.n_used >= MIN_PERCENTILE_STEPS else "use (indicative only)"
+    out.append(Line(f"{use}: torch.nn.utils.clip_grad_norm_(params, max_norm={_num(rec.max_norm, 6)})  {params}",
+                    "bold"))
+    if rec.clip_value is not None:
+        out.append(Line(f"or, clipping by value: torch.nn.utils.clip_grad_value_(params, "
+                        f"clip_value={_num(rec.clip_value, 6)})  {params}", "bold"))
     return out
+
+
+def _headline(rec: Recommendation) -> Line:
+    d, p = rec.distribution, f"p{rec.percentile:g}"
+    if d.n_used < MIN_PERCENTILE_STEPS:
+        return Line(f"max_norm = {_num(rec.max_norm, 6)}   {p} of only {d.n_used} used step{'s' * (d.n_used != 1)}: "
+                    f"too few to support a percentile ({MIN_PERCENTILE_STEPS} needed); indicative only", "bold yellow")
+    return Line(f"max_norm = {_num(rec.max_norm, 6)}   {p} of the pre-clip global L2 norm over "
+                f"{d.n_used} steps; clips {_pct(rec.clip_rate)} of them", "bold green")
+
+
+def _closure_lines(rec: Recommendation) -> list[Line]:
+    c = rec.closure
+    if c is None:
+        return []
+    evaluations = ("closure evaluations not recorded" if c.n_evaluations is None else
+                   f"{c.n_evaluations} closure evaluations (~{c.per_step:.3g} per step)")
+    return [Line(f"closure optimizer: {c.n_steps} step{'s' * (c.n_steps != 1)} recorded, {evaluations}; "
+                 f"one norm per step (its first evaluation's gradient)")]
+
+
+def _value_blocks(v: ValueClipping | None) -> list[Block]:
+    if v is None:
+        return []
+    lines: list[Block] = []
+    if v.script_clip_value is not None:
+        lines.append(Line(f"the script clips by value: clip_grad_value_ at {_num(v.script_clip_value)} changed "
+                          f"{v.script_n_clipped} of {v.n_steps} steps ({_pct(v.script_clip_rate)}): those whose "
+                          f"largest |gradient| exceeded it", "bold"))
+    if v.injected_clip_value is not None:
+        lines.append(Line(f"injected clip_value {_num(v.injected_clip_value)} changed {v.injected_n_clipped} of "
+                          f"{v.n_steps} steps"))
+    rows = [[str(v.n_steps), _num(v.median), _num(v.p95), _num(v.p99), _num(v.max), _num(v.clip_value),
+             _pct(v.clip_rate)]]
+    headers = ["steps", "median", "p95", "p99", "max", "clip_value", "clip rate"]
+    caption = ("clip_value: max_norm's percentile of each step's largest |g|, for clip_grad_value_; "
+               "a step is clipped when its largest |g| is above it")
+    return [*lines, Table("Largest |gradient| element per step (before clipping)", headers, [rows[0]], caption)]
 
 
 def _distribution_table(rec: Recommendation) -> Table:
@@ -133,9 +176,11 @@ def _clip_table(rec: Recommendation) -> Table:
     rows = [[row.label + ("  <- recommended" if row.recommended else ""), _num(row.threshold),
              f"{row.n_clipped}", _pct(row.clip_rate), _num(row.mean_scale, 3)]
             for row in rec.clip_rates]
+    caption = "mean scale-down: the mean factor clip_grad_norm_ multiplies the clipped steps' gradients by"
+    if rec.distribution.n_used < MIN_PERCENTILE_STEPS:
+        caption += f"; over {rec.distribution.n_used} steps a rate counts single steps"
     return Table("What each threshold would clip", ["threshold", "max_norm", "steps clipped", "clip rate",
-                                                     "mean scale-down"], rows,
-                 "mean scale-down: the mean factor clip_grad_norm_ multiplies the clipped steps' gradients by")
+                                                     "mean scale-down"], rows, caption)
 
 
 def _spike_blocks(rec: Recommendation) -> list[Block]:
@@ -170,12 +215,16 @@ def _nonfinite_line(rec: Recommendation) -> Line:
 def _warmup_lines(rec: Recommendation) -> list[Line]:
     w = rec.warmup
     if w is None:
-        return [Line("warm-up: too few steps to tell")]
-    basis = "the lr ramp" if w.basis == "lr-ramp" else f"the first 10% of steps, at most {WARMUP_MAX_STEPS}"
+        return [Line("early steps: too few steps to tell")]
     share = "none of the clipped steps" if w.tail_share is None else f"{w.tail_share:.0%} of the clipped steps"
-    verdict = "they dominate the tail" if w.dominates else "they do not dominate the tail"
-    return [Line(f"warm-up: the first {w.window} steps ({basis}) hold {share}: {verdict}; without them "
-                 f"max_norm = {_num(w.max_norm_without)} (--skip-steps {w.skip_steps})")]
+    without = f"{_num(w.max_norm_without)} (--skip-steps {w.skip_steps})"
+    if w.kind == "warm-up":
+        verdict = "they dominate the tail" if w.dominates else "they do not dominate the tail"
+        return [Line(f"warm-up: {lr_evidence(w)}; those steps hold {share}: {verdict}; "
+                     f"without them max_norm = {without}")]
+    return [Line(f"early steps: the first {w.window} (10% of the steps, at most {WARMUP_MAX_STEPS}; "
+                 f"{lr_evidence(w)}) hold {share}; after them max_norm clips {_pct(w.clip_rate_without)} of steps; "
+                 f"from the later steps alone max_norm would be {without}")]
 
 
 def _layers_table(rec: Recommendation) -> Table:

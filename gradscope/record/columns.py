@@ -41,6 +41,8 @@ class _Decoded:
     values: np.ndarray  # (N, P + 1) float64: the P norms as read, then the loss; NaN where not read
     present: np.ndarray  # (N, P) bool: the parameter had a gradient (its norm was read)
     more: dict[str, np.ndarray]  # MORE_DEFAULTS key -> (N,) float64
+    max_abs: np.ndarray  # (N, P) float64: pre-clip max |g| on steps clipped by value
+    max_abs_set: np.ndarray  # (N, P) bool: max_abs was read (null in the table otherwise)
 
 
 def _to_host(rows: list[Row]) -> tuple[np.ndarray, list[tuple[list[int], np.ndarray]], list[tuple[int, str]]]:
@@ -48,7 +50,8 @@ def _to_host(rows: list[Row]) -> tuple[np.ndarray, list[tuple[list[int], np.ndar
 
     Returns the flat float64 values and, for each chunk of them, (the rows it holds, the rows' offsets
     into the flat values): one chunk per preallocated block (the rows' span of it),
-    one per row not in a block; then (row, key) of every ``more`` scalar, in order, after them.
+    one per row not in a block; then (row, key) of every ``more`` scalar, in order, after them. A row's
+    ``max_abs`` vector is its own chunk, keyed ``(row, "max_abs")`` in that list, before the scalars.
     """
     device = rows[0].values.device
     pieces: list[torch.Tensor] = []
@@ -69,6 +72,10 @@ def _to_host(rows: list[Row]) -> tuple[np.ndarray, list[tuple[list[int], np.ndar
         chunks.append((members, start + (pos - lo) * width))
         start += (hi - lo) * width
     tail: list[tuple[int, str]] = []
+    for i, row in enumerate(rows):  # value clipping only: one vector per row, before the scalars
+        if row.max_abs is not None:
+            tail.append((i, "max_abs"))
+            pieces.append(row.max_abs[0].detach().reshape(-1).to(device, torch.float32))
     for i, row in enumerate(rows):
         if row.more:
             for key, value in row.more.items():
@@ -96,10 +103,18 @@ def _decode(rows: list[Row], p: int) -> _Decoded:
     for cols, members, offsets in loose.values():
         _place(values, read, flat, cols, np.asarray(members), np.asarray(offsets))
     more = {key: np.full(n, default) for key, default in MORE_DEFAULTS.items()}
-    tail_start = flat.size - len(tail)
-    for j, (i, key) in enumerate(tail):
-        more[key][i] = flat[tail_start + j]
-    return _Decoded(values, read[:, :p], more)
+    max_abs, max_abs_set = np.full((n, p), np.nan), np.zeros((n, p), dtype=bool)
+    vectors = [(i, rows[i].max_abs[1]) for i, key in tail if key == "max_abs"]  # type: ignore[index]
+    start = flat.size - (len(tail) - len(vectors)) - sum(cols.size for _, cols in vectors)
+    for i, cols in vectors:
+        ok = cols >= 0  # -1: a param outside the row's layout
+        max_abs[i, cols[ok]] = flat[start:start + cols.size][ok]  # a param given twice: the last value placed
+        max_abs_set[i, cols[ok]] = True
+        start += cols.size
+    for i, key in tail[len(vectors):]:
+        more[key][i] = flat[start]
+        start += 1
+    return _Decoded(values, read[:, :p], more, max_abs, max_abs_set)
 
 
 def _place(values: np.ndarray, read: np.ndarray, flat: np.ndarray, cols: np.ndarray, members: np.ndarray,
@@ -207,6 +222,7 @@ def _columns(rows: list[Row]) -> tuple[dict[str, Any], dict[str, Any]]:
         "layer": pa.DictionaryArray.from_arrays(_numeric(np.tile(np.arange(p, dtype=np.int32), n), np.int32, pa.int32()),
                                                 _layer_names(tuple(slot.names))),
         "norm": _numeric(np.where(decoded.present, per, np.nan).reshape(-1), np.float32, pa.float32()),
+        "max_abs": _numeric(decoded.max_abs.reshape(-1), np.float32, pa.float32(), decoded.max_abs_set.reshape(-1)),
     }
     return steps, layers
 

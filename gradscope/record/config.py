@@ -68,17 +68,44 @@ def parse_thresholds(text: str, option: str = "--max-norm") -> Thresholds:
     return Thresholds.every(values[0]) if len(values) == 1 else Thresholds.per_optimizer(values)
 
 
+def parse_clip_value(text: str, option: str = "--clip-value") -> float:
+    """Read one positive finite number (``clip_grad_value_``'s ``clip_value``, the same for every optimizer).
+
+    Raises:
+        ValueError: with a one-line message naming ``option`` and the bad value.
+    """
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{option} takes one positive number (clip_grad_value_'s clip_value); "
+                         f"{str(text).strip()!r} is not a positive finite number")
+    return value
+
+
 @dataclass
 class RecorderConfig:
     """What to record and how; every field but ``flush_seconds`` has a ``gradscope profile`` option."""
 
     flush_every: int = DEFAULT_FLUSH_EVERY  # steps per part file (also at least flush_seconds apart)
     flush_seconds: float = DEFAULT_FLUSH_SECONDS
-    inject_max_norm: float | None = None  # --max-norm: clip_grad_norm_ before every step (compare's arms)
+    inject_max_norm: Thresholds | None = None  # --max-norm: clip_grad_norm_ before every step (compare's arms)
+    inject_clip_value: float | None = None  # --clip-value: clip_grad_value_ before every step (compare's arms)
     disable_script_clip: bool = False  # --no-clip: the script's clip calls measure, never scale
     seed: int | None = None  # --seed: replaces the argument of every torch.manual_seed call
     max_steps: int | None = None  # --max-steps: stop cleanly after this many steps of optimizer 0
     max_time: float | None = None  # --max-time: stop cleanly at the first step after this many seconds
+
+    def __post_init__(self) -> None:
+        # A bare number still means one threshold for every optimizer (the Python API's older form).
+        if isinstance(self.inject_max_norm, int | float):
+            self.inject_max_norm = Thresholds.every(float(self.inject_max_norm))
+
+    @property
+    def injecting(self) -> bool:
+        """True when gradscope clips before every step (``--max-norm`` or ``--clip-value``)."""
+        return self.inject_max_norm is not None or self.inject_clip_value is not None
 
 
 @dataclass
@@ -106,8 +133,10 @@ class ProfileOptions:
         if rec.seed is not None:
             flags += ["--seed", str(rec.seed)]
         if rec.inject_max_norm is not None:
-            flags += ["--max-norm", repr(rec.inject_max_norm)]
-        elif rec.disable_script_clip:
+            flags += ["--max-norm", rec.inject_max_norm.text()]
+        if rec.inject_clip_value is not None:
+            flags += ["--clip-value", repr(rec.inject_clip_value)]
+        if rec.disable_script_clip and not rec.injecting:  # injection replaces the script's clipping anyway
             flags += ["--no-clip"]
         if rec.max_steps is not None:
             flags += ["--max-steps", str(rec.max_steps)]

@@ -3,7 +3,7 @@
 :class:`StepEvents` implements :class:`~gradscope.record.hooks.RecorderEvents`. It owns the state of
 the step in progress (the nesting of optimizer steps, a closure being evaluated, the GradScaler whose
 step is running, the row read in the pre hook) and the seeds the script asked for; the loss window,
-the clip ledger, the step reader and the hand-written-loop tracker own the rest.
+the clip ledger, the injector, the step reader and the hand-written-loop tracker own the rest.
 
 Hazards: ``on_backward``, ``on_step_pre`` and ``on_step_post`` run every step, in the cold caches that
 follow a backward pass: collaborators' methods are bound once, here, and nothing reads a device value.
@@ -22,6 +22,7 @@ from torch import nn
 from gradscope.record.clipping import ClipLedger
 from gradscope.record.config import RecorderConfig
 from gradscope.record.guard import Guard
+from gradscope.record.inject import Injector
 from gradscope.record.loss import LossWindow
 from gradscope.record.manual import ManualTracker
 from gradscope.record.rows import Row
@@ -34,13 +35,16 @@ class StepEvents:
     ``commit`` records a finished row (and may raise StopRun); ``n_commits`` counts those recorded.
     """
 
-    def __init__(self, config: RecorderConfig, loss: LossWindow, clips: ClipLedger, manual: ManualTracker,
-                 reader: StepReader, guard: Guard, commit: Callable[[Row], None], n_commits: Callable[[], int]) -> None:
+    def __init__(self, config: RecorderConfig, loss: LossWindow, clips: ClipLedger, injector: Injector,
+                 manual: ManualTracker, reader: StepReader, guard: Guard, commit: Callable[[Row], None],
+                 n_commits: Callable[[], int]) -> None:
         self._config = config
         self._loss = loss
         self._add_loss = loss.add
         self._clips = clips
+        self._injector = injector
         self._manual = manual
+        self._reader = reader
         self._fast = reader.fast
         self._general = reader.general
         self._guard = guard
@@ -52,19 +56,32 @@ class StepEvents:
         self._draft: Row | None = None  # the row read by the pre hook, committed by the post hook
         self._scaler: Any = None  # the GradScaler whose step() is running
 
-    def on_backward(self, tensors: Any) -> None:
-        """Add this backward's roots to the loss window, opening a new window after a recorded step."""
+    def on_backward(self, tensors: Any) -> Callable[[Any], None] | None:
+        """Add this backward's roots to the loss window, opening a new window after a recorded step.
+
+        Returns what to call when the backward has returned: None but in a hand-written loop under
+        ``--max-norm`` with no clip call of its own, whose injection point is there.
+        """
         try:
             if self._depth and not self._in_closure:
                 self._depth = 0  # the last step raised before its post hook: start clean
+            manual = self._manual
             if self._loss.closed:  # the first backward of a new window: what the last one left is over
-                if self._manual.draft is not None:
-                    self._manual.commit()  # a hand-written update loop: the previous update
+                if manual.draft is not None:
+                    manual.commit()  # a hand-written update loop: the previous update
                 if self._clips.calls:
                     self._clips.forget()  # clip calls no step matched
+            after = manual.clips_after_backward  # False but in a hand-written loop under --max-norm
+            if after:
+                manual.before_backward()
             self._add_loss(tensors)  # opens the new window
+            return self._after_backward if after else None
         except Exception as exc:  # Guard.call, inlined: this runs every backward
             self._guard.failed("backward", exc)
+            return None
+
+    def _after_backward(self, tensors: Any) -> None:
+        self._guard.call("inject", self._manual.after_backward, tensors)
 
     def on_step_pre(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Read the step now (its grads are final), or wrap its closure to read after the first evaluation."""
@@ -122,8 +139,9 @@ class StepEvents:
         calls[0] += 1
         if calls[0] == 1:  # LBFGS re-evaluates in its line search: the first call is the step's
             self._draft = self._guard.call("measure", self._general, optimizer, result, self._scaler)
-        elif self._config.inject_max_norm is not None:
-            self._guard.call("inject", self._clips.inject, optimizer)  # clip after every evaluation
+        elif self._injector.active:  # clip after every evaluation: its line search must see clipped grads
+            self._guard.call("inject", self._reader.inject_step, optimizer)
+        self._guard.call("evaluations", self._reader.count_evaluation, optimizer)
         return result
 
     def on_scale(self, scaler: Any, outputs: Any, result: Any) -> None:
@@ -134,7 +152,7 @@ class StepEvents:
                        kwargs: dict[str, Any]) -> Any:
         """GradScaler.step: the step is read with its loss scale; a step it skips (inf/NaN) is recorded too."""
         enabled = bool(getattr(scaler, "_enabled", False))
-        if enabled and self._config.inject_max_norm is not None:
+        if enabled and self._injector.active:
             # Clip unscaled grads, as the documented AMP recipe does; fused optimizers would see scaled ones.
             self._guard.call("unscale", _unscale_if_ready, scaler, optimizer)
         before, previous = self._n_commits(), self._scaler
@@ -154,7 +172,7 @@ class StepEvents:
                        args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The script's clip_grad_norm_: run with the max_norm in effect, note its factor."""
         self._guard.call("manual", self._manual.before_clip, params)
-        effective = self._clips.effective_max_norm(max_norm, self._manual.hand_written)
+        effective = self._clips.effective_max_norm(max_norm)
         total = original(params, effective, *args, **kwargs)
         self._guard.call("clip", self._clipped_by_norm, params, "clip_grad_norm_", max_norm, total, effective)
         return total
@@ -163,7 +181,7 @@ class StepEvents:
                              total_norm: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """The script's clip_grads_with_norm_ (after its own get_total_norm): as clip_grad_norm_."""
         self._guard.call("manual", self._manual.before_clip, params)
-        effective = self._clips.effective_max_norm(max_norm, self._manual.hand_written)
+        effective = self._clips.effective_max_norm(max_norm)
         if math.isfinite(effective):
             original(params, effective, total_norm, *args, **kwargs)
         self._guard.call("clip", self._clipped_by_norm, params, "clip_grads_with_norm_", max_norm, total_norm,
@@ -172,7 +190,7 @@ class StepEvents:
     def _clipped_by_norm(self, params: list[torch.Tensor], function: str, max_norm: Any, total: torch.Tensor,
                          effective: float) -> None:
         coef = self._clips.add_norm_call(params, function, max_norm, total, effective)
-        self._manual.on_clip(coef)  # a hand-written update loop: this call is the update's clipping
+        self._manual.on_clip(params, coef)  # a hand-written update loop: this call is the update's clipping
 
     def clip_grad_value(self, original: Callable[..., Any], params: list[torch.Tensor], clip_value: float,
                         args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -183,6 +201,7 @@ class StepEvents:
             original(params, clip_value, *args, **kwargs)
         if call is not None:
             self._clips.add(call)
+            self._guard.call("manual", self._manual.on_clip, params, None)  # a hand-written loop's clipping
 
     def on_seed(self, seed: Any) -> Any:
         """torch.manual_seed(seed): note it; compare's arms replace it with the arm's seed."""

@@ -32,8 +32,9 @@ class RecorderEvents(Protocol):
     """What the hooks tell the recorder. Each method is safe to call from the user's loop: failures warn
     once and training goes on; only ``StopRun`` (``--max-steps``) is raised on purpose."""
 
-    def on_backward(self, tensors: Any) -> None:
-        """A backward pass from ``tensors`` (the loss) is about to run."""
+    def on_backward(self, tensors: Any) -> Callable[[Any], None] | None:
+        """A backward pass from ``tensors`` (the loss) is about to run; returns None, or what to call with
+        ``tensors`` once it has returned."""
 
     def on_step_pre(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Before ``optimizer.step``; may return new (args, kwargs) (a wrapped closure)."""
@@ -135,6 +136,7 @@ class Originals:
     """The torch functions as they were before :meth:`Hooks.install` replaced them."""
 
     clip_grad_norm: Callable[..., Any]  # compare's injected clip must not go through the script's wrapper
+    clip_grad_value: Callable[..., Any]
     manual_seed: Callable[..., Any]  # the --seed given at start is not one of the script's calls
 
 
@@ -157,7 +159,7 @@ class Hooks:
                          register_optimizer_step_post_hook(eager(events.on_step_post))]
         # Read before the patches below: afterwards it would be our own wrapper, which scales by 1.0 in
         # compare arms (the script's clipping is disabled there).
-        originals = Originals(clip_grad.clip_grad_norm_, torch.manual_seed)
+        originals = Originals(clip_grad.clip_grad_norm_, clip_grad.clip_grad_value_, torch.manual_seed)
         self._patch_backward()
         self._patch_clipping()
         self._patch_grad_scaler()
@@ -182,9 +184,11 @@ class Hooks:
             if not isinstance(tensors, (torch.Tensor, tuple, list)):
                 tensors = tuple(tensors)  # a generator: read it once, for the loss and for torch alike
             # Reentrant checkpointing calls backward from inside the engine: not a new loss.
-            if current_node() is None:
-                on_backward(tensors)
-            return original(tensors, *args, **kwargs)
+            after = on_backward(tensors) if current_node() is None else None
+            result = original(tensors, *args, **kwargs)
+            if after is not None:  # a hand-written loop under --max-norm: its injection point
+                after(tensors)
+            return result
 
         self._patcher.replace(torch.autograd, "backward", backward)
 

@@ -33,6 +33,7 @@ class Slot:
     aliases: dict[str, list[str]]
     shapes: list[list[int]]
     steps: int = 0  # records committed so far: the next record's step index
+    evaluations: int = 0  # closure calls over the run (closure optimizers such as LBFGS)
     params: list[weakref.ref[torch.Tensor]] = field(default_factory=list, repr=False)  # its latest optimizer's
 
     def held_by_others(self, params: list[torch.Tensor]) -> bool:
@@ -43,7 +44,7 @@ class Slot:
     def describe(self) -> store.OptimizerMeta:
         """This slot's entry in meta.json's ``optimizers``."""
         return store.OptimizerMeta(self.index, self.cls, tuple(self.names), tuple(tuple(s) for s in self.shapes),
-                                   {name: tuple(other) for name, other in self.aliases.items()})
+                                   {name: tuple(other) for name, other in self.aliases.items()}, self.evaluations)
 
 
 @dataclass
@@ -115,6 +116,11 @@ class LayoutRegistry:
             layout = self._new_layout(signature, params, [(0, i) for i in range(len(params))], "manual")
             self.by_owner[owner] = layout
         return layout
+
+    @property
+    def n_slots(self) -> int:
+        """Optimizer slots so far (the next new slot's index)."""
+        return len(self._slots)
 
     def describe(self) -> tuple[store.OptimizerMeta, ...]:
         """meta.json's ``optimizers``: every slot, by index."""

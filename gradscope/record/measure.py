@@ -130,9 +130,9 @@ def _local(grad: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()  # grads of backward(create_graph=True) require grad: keep no graph to the flush
-def tensor_norms(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The L2 norm of each gradient as a 0-dim tensor on the gradient's device (float64 for float64
-    gradients, float32 for the others).
+def tensor_norms(grads: Sequence[torch.Tensor], ord: float = 2.0) -> list[torch.Tensor]:
+    """The L2 norm (``ord=math.inf``: the max |g|) of each gradient as a 0-dim tensor on the gradient's
+    device (float64 for float64 gradients, float32 for the others).
 
     The general path: one ``torch._foreach_norm`` pass per device and precision for dense gradients
     (accumulated in float32, so bf16 gradients are not rounded to bf16); sparse gradients are coalesced
@@ -145,14 +145,21 @@ def tensor_norms(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         grad = _local(grad)
         dtype = reduce_dtype({grad.dtype})
         if grad.is_sparse:
-            out[i] = torch.linalg.vector_norm(grad.coalesce()._values(), dtype=dtype)
+            out[i] = torch.linalg.vector_norm(grad.coalesce()._values(), ord, dtype=dtype)
         else:
             dense_by_kind.setdefault((grad.device, dtype), []).append(i)
     for (_, dtype), indices in dense_by_kind.items():
-        norms = torch._foreach_norm([_local(grads[i]) for i in indices], 2, dtype=dtype)
+        norms = torch._foreach_norm([_local(grads[i]) for i in indices], ord, dtype=dtype)
         for i, norm in zip(indices, norms, strict=True):
             out[i] = norm
     return out  # type: ignore[return-value]
+
+
+def max_abs(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The max |g| of each gradient, stacked on the first one's device: one ``_foreach_norm(ord=inf)`` pass
+    (the max of the absolute values, with no copy of them), no host sync. Value clipping only."""
+    values = tensor_norms(grads, math.inf)
+    return stack_on([v.float() for v in values], values[0].device)
 
 
 def stack_on(values: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -47,7 +47,19 @@ def _provenance(options: ProfileOptions, target: runner.Target) -> store.Provena
     command = ("gradscope", "profile", *(["-m"] if options.as_module else []), options.target, *options.args)
     return store.Provenance(target=options.target, as_module=options.as_module, script_path=str(target.path),
                             script_sha256=digest, argv=tuple(target.argv), script_args=tuple(options.args),
-                            cwd=os.getcwd(), command=command)
+                            cwd=os.getcwd(), command=command, executable=sys.executable or None,
+                            launcher=launcher(sys.argv[0] if sys.argv else ""))
+
+
+def launcher(argv0: str) -> str | None:
+    """How gradscope was started, from its own ``sys.argv[0]`` (read before the script's replaces it):
+    ``python -m gradscope``, or the console script's absolute path."""
+    path = Path(argv0)
+    if argv0 == "-m" or (path.name == "__main__.py" and path.parent.name == "gradscope"):
+        return "python -m gradscope"
+    if not argv0 or argv0 == "-c":
+        return None  # started from Python code: no command to name
+    return str(path.absolute())
 
 
 def run_profile(options: ProfileOptions) -> int:

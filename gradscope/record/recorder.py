@@ -43,6 +43,7 @@ from gradscope.record.config import RecorderConfig
 from gradscope.record.events import StepEvents
 from gradscope.record.guard import Guard
 from gradscope.record.hooks import Hooks
+from gradscope.record.inject import Injector
 from gradscope.record.layouts import LayoutRegistry
 from gradscope.record.loss import LossWindow
 from gradscope.record.manual import ManualTracker
@@ -106,10 +107,12 @@ class Recorder:
         self._loss = LossWindow()
         self._layouts = LayoutRegistry()
         self._clips = ClipLedger(cfg)
-        self._reader = StepReader(cfg, self._loss, self._layouts, self._clips, self._guard)
-        self._manual = ManualTracker(cfg, self._loss, self._layouts, self._clips, self._reader, self._commit)
-        self._events = StepEvents(cfg, self._loss, self._clips, self._manual, self._reader, self._guard,
-                                  self._commit, lambda: self._commits)
+        self._injector = Injector(cfg)
+        self._reader = StepReader(cfg, self._loss, self._layouts, self._clips, self._injector, self._guard)
+        self._manual = ManualTracker(cfg, self._loss, self._layouts, self._clips, self._injector, self._reader,
+                                     self._commit)
+        self._events = StepEvents(cfg, self._loss, self._clips, self._injector, self._manual, self._reader,
+                                  self._guard, self._commit, lambda: self._commits)
         self._hooks = Hooks(self._events)
 
     # ----------------------------------------------------------------------------------------------
@@ -130,7 +133,7 @@ class Recorder:
         self._write_meta(status="running")
         Recorder._active = self
         originals = self._hooks.install()
-        self._clips.original_norm = originals.clip_grad_norm
+        self._injector.original_norm, self._injector.original_value = originals.clip_grad_norm, originals.clip_grad_value
         self._started = True
         self._t0 = self._last_flush = time.perf_counter()
         atexit.register(self._atexit)
@@ -251,7 +254,8 @@ class Recorder:
             status=status, gradscope_version=__version__, torch_version=torch.__version__,
             python_version=platform.python_version(), run_id=self.run_dir.name, label=self._label,
             provenance=self._provenance, seed=seeds[0] if seeds else self.config.seed, seeds_seen=tuple(seeds[:20]),
-            norm_type=2.0, clipping=self._clips.describe(), optimizers=self._layouts.describe(),
+            norm_type=2.0, clipping=self._clips.describe(self._injector.describe(self._layouts.n_slots)),
+            optimizers=self._layouts.describe(),
             flush_every=self.config.flush_every, start_time=self._start_time, end_time=end_time,
             exit_code=exit_code, error=error, n_steps=self._commits, host=socket.gethostname(), pid=self._pid)
         store.write_meta(self.run_dir, meta)

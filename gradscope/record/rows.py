@@ -82,6 +82,7 @@ class Row:
     block: torch.Tensor | None = None  # the RowBlocks block `values` is a row of, if any
     pos: int = 0  # that row's index in the block
     more: dict[str, torch.Tensor] | None = None  # 0-dim device scalars keyed as MORE_DEFAULTS
+    max_abs: tuple[torch.Tensor, np.ndarray] | None = None  # value clipping: pre-clip max |g|, and their params
     skipped: bool = False
     n_backward: int = 0
     lr: Any = None  # float, or a tensor for capturable optimizers

@@ -30,6 +30,7 @@ import torch
 from gradscope.record.clipping import ClipCall, ClipLedger, one_clip_over_all
 from gradscope.record.config import RecorderConfig
 from gradscope.record.guard import Guard
+from gradscope.record.inject import Injector
 from gradscope.record.layouts import Layout, LayoutRegistry
 from gradscope.record.loss import LossWindow
 from gradscope.record.measure import NormPlan, global_norm, stack_on, tensor_norms, write_norms
@@ -42,8 +43,10 @@ class StepReader:
     """Reads a step into a :class:`Row`: :meth:`fast` for the usual step, :meth:`general` for any step."""
 
     def __init__(self, config: RecorderConfig, loss: LossWindow, layouts: LayoutRegistry, clips: ClipLedger,
-                 guard: Guard) -> None:
+                 injector: Injector, guard: Guard) -> None:
         self._config = config
+        self._injector = injector
+        self._injecting = config.injecting  # read on the fast path: one attribute, not a property
         self._loss = loss
         self._layouts = layouts
         self._layout_get = layouts.by_owner.get  # bound once: the fast path's one lookup
@@ -64,7 +67,7 @@ class StepReader:
         groups = optimizer.param_groups
         clips = self._clips
         if (len(groups) != 1 or clips.calls or clips.row_clip is not None
-                or self._config.inject_max_norm is not None or hasattr(optimizer, "found_inf")):
+                or self._injecting or hasattr(optimizer, "found_inf")):
             return None
         layout = self._layout_get(optimizer)  # per optimizer: a GAN's two alternate and both stay here
         params = groups[0]["params"]
@@ -126,18 +129,36 @@ class StepReader:
         layout = self._layouts.layout_of(optimizer)
         row = self.read_layout(layout, self._loss.step_loss(closure_result))
         self.fill(row, optimizer.param_groups)
-        if scaler is not None or skipped or self._config.inject_max_norm is not None or hasattr(optimizer, "found_inf"):
-            self._rare(row, optimizer, scaler, skipped)
+        if scaler is not None or skipped or self._injecting or hasattr(optimizer, "found_inf"):
+            self._rare(row, optimizer, layout, scaler, skipped)
         return row
+
+    def inject_step(self, optimizer: Any) -> None:
+        """Clip ``optimizer``'s grads as compare's injection asks, with no row (a closure's later evaluations)."""
+        layout = self._layouts.layout_of(optimizer)
+        self._injector.clip(layout.params, layout.slot.index)
+
+    def count_evaluation(self, optimizer: Any) -> None:
+        """One more evaluation of a step's closure by ``optimizer`` (meta.json's ``n_evaluations``)."""
+        self._layouts.layout_of(optimizer).slot.evaluations += 1
 
     def read_layout(self, layout: Layout, loss: torch.Tensor | None) -> Row:
         """Every gradient's norm of ``layout``, with the loss in the same vector, net of the script's clipping."""
         grads = [p.grad for p in layout.params]
-        plan = layout.plan
         clips = self._clips
         calls = clips.calls_for(layout) if clips.calls else []
+        peaks = clips.max_abs_of(layout, calls) if calls else None  # the script clipped by value
         if calls and self._config.disable_script_clip:
             calls = []  # the calls measured but did not scale: nothing to undo
+        row = self._read_with_calls(layout, grads, loss, calls)
+        if peaks is not None:
+            row.max_abs = peaks
+        return row
+
+    def _read_with_calls(self, layout: Layout, grads: list[torch.Tensor | None], loss: torch.Tensor | None,
+                         calls: list[ClipCall]) -> Row:
+        """By the plan when it covers the grads and the calls are one clip over all, else norm by norm."""
+        plan = layout.plan
         if plan is not None and (not calls or one_clip_over_all(calls, len(grads))):
             if loss is not None and loss.get_device() != plan.device_index:  # get_device: no torch.device made
                 loss = loss.to(plan.device, non_blocking=True)
@@ -182,7 +203,7 @@ class StepReader:
         if row_clip is not None:
             row.clip_source, row.max_norm = row_clip
 
-    def _rare(self, row: Row, optimizer: Any, scaler: Any, skipped: bool) -> None:
+    def _rare(self, row: Row, optimizer: Any, layout: Layout, scaler: Any, skipped: bool) -> None:
         """GradScaler's scale and skipped steps, fused optimizers' scaled grads, compare's injected clip."""
         grad_scale = getattr(optimizer, "grad_scale", None)
         if isinstance(grad_scale, torch.Tensor):  # fused optimizer under GradScaler: the grads read were scaled
@@ -196,8 +217,8 @@ class StepReader:
             row.skipped = True
         elif isinstance(found_inf, torch.Tensor):
             row.attach("found_inf", found_inf.reshape(()).float())
-        if self._config.inject_max_norm is not None and not skipped:
-            self._clips.inject(optimizer, row)
+        if self._injecting and not skipped:
+            self._injector.clip(layout.params, row.slot.index, row, layout)
 
 
 def _known_uncovered(plan: NormPlan, grads: list[torch.Tensor | None]) -> bool:

@@ -21,7 +21,9 @@ from typing import Any, NamedTuple
 from gradscope.errors import RunFormatError
 
 #: Bump on any change to the tables' columns or to meta.json's keys, and say what changed here.
-#: 1: first release.
+#: Additive changes that every reader of the version reads (a key or column that may be absent) keep it.
+#: 1: first release; since then, optional: provenance executable/launcher, clipping's injected_max_norms,
+#: injected_clip_value, script_clip_value and injection, optimizers' n_evaluations, the layers' max_abs column.
 SCHEMA_VERSION = 1
 FORMAT_NAME = "gradscope-run"
 #: What meta.json's ``status`` may say. A reader adds ``killed`` (see ``store.Run.status``).
@@ -79,6 +81,7 @@ ALIASES = Kind("an object of lists of strings",
                lambda v: isinstance(v, dict) and all(STRINGS.test(x) for x in v.values()),
                lambda v: {str(k): STRINGS.convert(x) for k, x in v.items()})
 ANY = Kind("anything", lambda v: True)
+THRESHOLDS = list_of(optional(NUMBER), "a list of numbers or nulls")
 _REQUIRED: Any = object()
 
 
@@ -120,8 +123,11 @@ class Provenance:
     script_args: tuple[str, ...]
     cwd: str
     command: tuple[str, ...]  # the gradscope command line that recorded the run
+    executable: str | None = None  # sys.executable of the profiled process (None: recorded before it was kept)
+    launcher: str | None = None  # how gradscope was started: "python -m gradscope" or the console script's path
 
-    KEYS = ("target", "as_module", "script_path", "script_sha256", "argv", "script_args", "cwd", "command")
+    KEYS = ("target", "as_module", "script_path", "script_sha256", "argv", "script_args", "cwd", "command",
+            "executable", "launcher")
 
     @classmethod
     def read(cls, fields: Fields) -> Provenance | None:
@@ -131,22 +137,28 @@ class Provenance:
         take = fields.take
         return cls(take("target", STR), take("as_module", BOOL), take("script_path", STR),
                    take("script_sha256", optional(STR), None), take("argv", STRINGS),
-                   take("script_args", STRINGS), take("cwd", STR), take("command", STRINGS))
+                   take("script_args", STRINGS), take("cwd", STR), take("command", STRINGS),
+                   take("executable", optional(STR), None), take("launcher", optional(STR), None))
 
     def to_json(self) -> dict[str, Any]:
-        """The provenance keys of meta.json."""
-        return {key: _plain(getattr(self, key)) for key in self.KEYS}
+        """The provenance keys of meta.json (``executable`` and ``launcher`` only when known)."""
+        return {key: _plain(getattr(self, key)) for key in self.KEYS
+                if key not in ("executable", "launcher") or getattr(self, key) is not None}
 
 
 @dataclass(frozen=True)
 class Clipping:
-    """The clipping in effect: the script's own (as last seen) and gradscope's injected threshold."""
+    """The clipping in effect: the script's own (as last seen) and what gradscope injected, and whether it could."""
 
-    script_max_norm: float | None = None  # max_norm of the script's last clipping call
+    script_max_norm: float | None = None  # max_norm of the script's last norm clipping call
     script_clip_function: str | None = None  # e.g. "clip_grad_norm_"
     script_clip_calls: int = 0
-    injected_max_norm: float | None = None  # ``--max-norm``: clipping gradscope added before each step
+    injected_max_norm: float | None = None  # ``--max-norm X``: the one threshold for every optimizer, else None
     script_clip_disabled: bool = False  # ``--no-clip``: the script's calls measured, not applied
+    injected_max_norms: tuple[float | None, ...] = ()  # per optimizer slot index: the max_norm injected (None: none)
+    injected_clip_value: float | None = None  # ``--clip-value``: clip_grad_value_ injected before every step
+    script_clip_value: float | None = None  # clip_value of the script's last clip_grad_value_ call
+    injection: str | None = None  # None (nothing asked), "applied", or "not injected: <reason>"
 
     @classmethod
     def read(cls, fields: Fields) -> Clipping:
@@ -154,11 +166,17 @@ class Clipping:
         take = fields.take
         return cls(take("script_max_norm", optional(NUMBER), None), take("script_clip_function", optional(STR), None),
                    take("script_clip_calls", INT, 0), take("injected_max_norm", optional(NUMBER), None),
-                   take("script_clip_disabled", BOOL, False))
+                   take("script_clip_disabled", BOOL, False), take("injected_max_norms", THRESHOLDS, ()),
+                   take("injected_clip_value", optional(NUMBER), None), take("script_clip_value", optional(NUMBER), None),
+                   take("injection", optional(STR), None))
+
+    #: Keys added after the first release: written only when they say something (a 0.1.0 run reads back the same).
+    ADDED = {"injected_max_norms": (), "injected_clip_value": None, "script_clip_value": None, "injection": None}
 
     def to_json(self) -> dict[str, Any]:
         """The ``clipping`` object of meta.json."""
-        return dict(self.__dict__)
+        return {key: _plain(value) for key, value in self.__dict__.items()
+                if key not in self.ADDED or value != self.ADDED[key]}
 
 
 @dataclass(frozen=True)
@@ -170,6 +188,7 @@ class OptimizerMeta:
     names: tuple[str, ...] = ()  # parameter names, in the optimizer's order
     shapes: tuple[tuple[int, ...], ...] = ()
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # name -> other names of the same tensor
+    n_evaluations: int = 0  # closure calls over the run (LBFGS re-evaluates in its line search); 0: no closure
 
     @property
     def n_tensors(self) -> int:
@@ -182,12 +201,13 @@ class OptimizerMeta:
         take = fields.take
         take("n_tensors", INT, 0)  # checked, not kept: it is len(names)
         return cls(take("index", INT), take("class", STR), take("names", STRINGS, ()),
-                   take("shapes", SHAPES, ()), take("aliases", ALIASES, {}))
+                   take("shapes", SHAPES, ()), take("aliases", ALIASES, {}), take("n_evaluations", INT, 0))
 
     def to_json(self) -> dict[str, Any]:
         """The entry of meta.json's ``optimizers`` list."""
         return {"index": self.index, "class": self.class_name, "n_tensors": self.n_tensors, "names": list(self.names),
-                "shapes": _plain(self.shapes), "aliases": {k: list(v) for k, v in self.aliases.items()}}
+                "shapes": _plain(self.shapes), "aliases": {k: list(v) for k, v in self.aliases.items()},
+                **({"n_evaluations": self.n_evaluations} if self.n_evaluations else {})}
 
 
 @dataclass(frozen=True)

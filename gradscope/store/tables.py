@@ -52,10 +52,15 @@ LAYERS_SCHEMA = pa.schema(
         ("optimizer", pa.int16()),
         ("layer", pa.string()),  # module path, wrapper prefixes stripped; dictionary-encoded on disk
         ("norm", pa.float32()),  # pre-clip L2 norm of this tensor's gradient; NaN when it had no grad
+        # pre-clip max |g| of this tensor's gradient, on steps clipped by value (the script's clip_grad_value_
+        # or --clip-value); null otherwise. Added after the first release: older files read it as null.
+        ("max_abs", pa.float32()),
     ]
 )
 
 TABLES = {"steps": STEPS_SCHEMA, "layers": LAYERS_SCHEMA}
+#: Columns added since the first release: a writer may leave them out, a reader of an older file gets nulls.
+OPTIONAL_COLUMNS = frozenset({"max_abs"})
 #: The part files' schemas: the final ones, with ``layer`` as the dictionary the recorder builds
 #: (what a reader asking for ``layer`` gets from the final file too: see :func:`read_final`).
 LAYER_DICT = pa.dictionary(pa.int32(), pa.string())
@@ -67,10 +72,21 @@ FILE_METADATA = {b"gradscope.schema_version": str(SCHEMA_VERSION).encode(), b"gr
 COMPACT_ROWS = 1_000_000  # row groups of ~1M rows read fast and stay small in memory
 
 
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` as ``schema`` (its columns, order and types): a column added to the schema after ``table``
+    was written (an older run's file) comes back as nulls."""
+    n = table.num_rows
+    arrays = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(n, f.type)
+              for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
 def write_part(parts_dir: Path, kind: str, index: int, columns: dict[str, Any]) -> Path:
     """Write part ``index`` of ``kind`` from column arrays; it appears under its name only when closed."""
     schema = PART_TABLES[kind].with_metadata(FILE_METADATA)
-    table = pa.Table.from_pydict(columns, schema=schema)
+    n = len(next(iter(columns.values()))) if columns else 0
+    missing = {f.name: pa.nulls(n, f.type) for f in schema if f.name in OPTIONAL_COLUMNS and f.name not in columns}
+    table = pa.Table.from_pydict({**columns, **missing}, schema=schema)
     final = parts_dir / f"{kind}-{index:06d}{PART_SUFFIX}"
     tmp = parts_dir / f".{final.name}.tmp"  # dot prefix: list_parts never lists it
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
@@ -92,8 +108,14 @@ def read_part(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
     if path.suffix == PART_SUFFIX:
         with pa.OSFile(str(path), "rb") as source:
             table = pa.ipc.open_file(source).read_all()
-        return table.select(list(columns)) if columns is not None else table
-    return pq.ParquetFile(path).read(columns=list(columns) if columns is not None else None)
+    else:
+        handle = pq.ParquetFile(path)
+        present = set(handle.schema_arrow.names)
+        table = handle.read(columns=[c for c in columns if c in present] if columns is not None else None)
+    if columns is None:
+        return table
+    # A column an older part lacks (added to the schema since) is made of nulls by the caller's conform().
+    return table.select([c for c in columns if c in table.column_names])
 
 
 def part_rows(path: Path) -> int:
@@ -114,7 +136,7 @@ def compact(parts: Sequence[Path], kind: str, final: Path) -> None:
         batch: list[pa.Table] = []
         rows = 0
         for part in parts:
-            table = read_part(part).cast(schema)  # the layer dictionary as strings
+            table = conform(read_part(part), schema)  # the layer dictionary as strings; new columns as nulls
             batch.append(table)
             rows += table.num_rows
             if rows >= COMPACT_ROWS:
@@ -140,7 +162,22 @@ def read_final(path: Path, kind: str, columns: Sequence[str] | None = None) -> p
     """A compacted table (only ``columns`` when given), ``layer`` as a dictionary as in the parts."""
     check_file_version(path)
     cols = list(columns) if columns is not None else None
-    return pq.read_table(path, columns=cols, read_dictionary=_dict_cols(kind, cols))
+    present = set(pq.read_schema(path).names)
+    missing = [c for c in cols or TABLES[kind].names if c not in present]
+    if missing:  # an older run's file: read what it has, the columns added since as nulls
+        cols = [c for c in cols or TABLES[kind].names if c in present]
+    table = pq.read_table(path, columns=cols, read_dictionary=_dict_cols(kind, cols))
+    return _with_nulls(table, kind, columns) if missing else table
+
+
+def _with_nulls(table: pa.Table, kind: str, columns: Sequence[str] | None) -> pa.Table:
+    """``table`` with the columns of ``kind`` it lacks added as nulls, in the order asked (or the schema's);
+    the columns it has keep their types (``layer`` stays a dictionary)."""
+    schema = TABLES[kind]
+    names = list(columns) if columns is not None else schema.names
+    n = table.num_rows
+    arrays = [table.column(c) if c in table.column_names else pa.nulls(n, schema.field(c).type) for c in names]
+    return pa.Table.from_arrays(arrays, names=names)
 
 
 def read_parts(parts: Sequence[Path], kind: str, columns: Sequence[str] | None = None) -> pa.Table:
@@ -149,7 +186,7 @@ def read_parts(parts: Sequence[Path], kind: str, columns: Sequence[str] | None =
     selected = schema if columns is None else pa.schema([schema.field(c) for c in columns])
     if not parts:
         return selected.empty_table()
-    return pa.concat_tables(read_part(p, columns).cast(selected) for p in parts)
+    return pa.concat_tables(conform(read_part(p, columns), selected) for p in parts)
 
 
 def iter_batches(paths: Sequence[Path], kind: str, columns: Sequence[str] | None,
@@ -158,11 +195,20 @@ def iter_batches(paths: Sequence[Path], kind: str, columns: Sequence[str] | None
     cols = list(columns) if columns is not None else None
     for path in paths:
         if path.suffix == PART_SUFFIX:  # a part: one flush's rows, small
-            yield from read_part(path, cols).to_batches(max_chunksize=batch_size)
+            part = read_part(path, cols)
+            if cols is not None and len(part.column_names) < len(cols):  # an older part: added columns as nulls
+                part = _with_nulls(part, kind, cols)
+            yield from part.to_batches(max_chunksize=batch_size)
             continue
         # pre_buffer=False: pyarrow would otherwise load every requested column of the file up front.
         handle = pq.ParquetFile(path, read_dictionary=_dict_cols(kind, cols), pre_buffer=False)
-        yield from handle.iter_batches(batch_size=batch_size, columns=cols)
+        present = set(handle.schema_arrow.names)
+        wanted = cols if cols is not None else TABLES[kind].names
+        if all(c in present for c in wanted):
+            yield from handle.iter_batches(batch_size=batch_size, columns=cols)
+            continue
+        for batch in handle.iter_batches(batch_size=batch_size, columns=[c for c in wanted if c in present]):
+            yield from _with_nulls(pa.Table.from_batches([batch]), kind, wanted).to_batches()  # an older run's file
 
 
 def check_file_version(path: Path) -> None:

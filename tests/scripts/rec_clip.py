@@ -3,6 +3,8 @@
 norm: clip_grad_norm_(params, 1.5) (some steps clip, some do not).
 deprecated: the deprecated torch.nn.utils.clip_grad_norm.
 value: clip_grad_value_(params, 0.05).
+Each REF line also has ``max_abs`` (every layer's pre-clip max |g|) and ``clamped`` (the global norm of
+the grads clamped to +-INJECTED_VALUE, what ``--clip-value INJECTED_VALUE`` leaves the optimizer).
 two: two clip_grad_norm_ calls on disjoint parameter sets.
 with-norm: get_total_norm, then clip_grads_with_norm_ (the two-step API).
 """
@@ -17,6 +19,7 @@ from torch.nn.utils import clip_grad_norm_, clip_grad_value_, clip_grads_with_no
 STEPS = 4
 MAX_NORM = 1.5
 CLIP_VALUE = 0.05
+INJECTED_VALUE = 0.01  # the --clip-value tests/test_recorder.py injects
 
 
 def clip(case, model):
@@ -50,10 +53,12 @@ def train(case):
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         norm, layers = grad_norms(model.named_parameters())  # pre-clip
+        max_abs = {name: p.grad.abs().max().item() for name, p in model.named_parameters()}
+        clamped = get_total_norm([p.grad.clamp(-INJECTED_VALUE, INJECTED_VALUE) for p in model.parameters()]).item()
         returned, threshold = clip(case, model)
         applied, _ = grad_norms(model.named_parameters())  # what the optimizer consumes
         emit(case, i, norm=norm, layers=layers, loss=loss.item(), returned=returned, applied=applied,
-             threshold=threshold)
+             threshold=threshold, max_abs=max_abs, clamped=clamped)
         opt.step()
 
 

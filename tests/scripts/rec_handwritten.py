@@ -3,6 +3,7 @@
 argv: the sub-cases, run one after the other in one process (still no torch.optim optimizer in it).
 clip: model.zero_grad(); forward; backward; clip_grad_norm_(params, 0.25); p.data.add_(p.grad, alpha=-lr)
 zerograd: the same loop without clipping: the only trace of an update is the next model.zero_grad()
+value: the same loop clipping by value, clip_grad_value_(params, 0.01) (REF max_abs: each layer's pre-clip max |g|)
 The LSTM LM ties its decoder to its encoder (--tied).
 """
 
@@ -13,7 +14,7 @@ from rec_common import emit, grad_norms, named
 from torch import nn
 
 NTOKENS, BPTT, BATCH, STEPS = 30, 5, 4, 4
-LR, CLIP = 2.0, 0.25
+LR, CLIP, CLIP_VALUE = 2.0, 0.25, 0.01
 
 
 class RNNModel(nn.Module):
@@ -54,11 +55,14 @@ def train(mode):
         loss = criterion(output, targets)
         loss.backward()
         norm, layers = grad_norms(model.named_parameters())  # pre-clip
+        max_abs = {name: p.grad.abs().max().item() for name, p in model.named_parameters()}
         returned = None
         if mode == "clip":
             returned = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item()
+        elif mode == "value":
+            torch.nn.utils.clip_grad_value_(model.parameters(), CLIP_VALUE)
         applied, _ = grad_norms(model.named_parameters())
-        emit(mode, i, norm=norm, layers=layers, loss=loss.item(), returned=returned, applied=applied)
+        emit(mode, i, norm=norm, layers=layers, loss=loss.item(), returned=returned, applied=applied, max_abs=max_abs)
         for p in model.parameters():
             p.data.add_(p.grad, alpha=-LR)
         print(f"| {mode} | batch {i} | lr {LR:.2f} | loss {loss.item():5.2f}")
