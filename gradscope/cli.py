@@ -8,15 +8,21 @@ commands that need them, so ``--help`` and ``recommend`` start fast.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from gradscope import __version__
-from gradscope.errors import EXIT_ERROR, EXIT_OK, GradscopeError
+from gradscope import __version__, console
+from gradscope.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, GradscopeError, UsageError
 from gradscope.record.config import DEFAULT_FLUSH_EVERY
+
+try:  # the base of typer's (click's) own errors: typer vendors click in recent releases
+    from typer import TyperException as CliError
+except ImportError:  # typer on top of click
+    from click import ClickException as CliError
 
 app = typer.Typer(
     name="gradscope",
@@ -147,7 +153,13 @@ def profile(
     GradScaler scale and skipped steps to a run directory (parquet). The script is not modified.
     """
     from gradscope.errors import UsageError
-    from gradscope.record.config import ProfileOptions, RecorderConfig, parse_clip_value, parse_thresholds
+    from gradscope.record.config import (
+        ProfileOptions,
+        RecorderConfig,
+        check_profile_options,
+        parse_clip_value,
+        parse_thresholds,
+    )
     from gradscope.record.profile import run_profile
 
     try:  # a bad value stops here, before the script runs
@@ -161,6 +173,10 @@ def profile(
                                max_steps=max_steps, max_time=max_time)
     options = ProfileOptions(target=script, args=list(script_args or []), as_module=module, runs_dir=runs_dir,
                              label=label, quiet=quiet, recording=recording)
+    try:
+        check_profile_options(options)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     raise typer.Exit(run_profile(options))
 
 
@@ -214,12 +230,17 @@ def recommend(
     from gradscope.recommend import recommend as recommend_max_norm
     from gradscope.recommend import view
 
+    if not (math.isfinite(percentile) and 0.0 < percentile <= 100.0):
+        raise UsageError(f"--percentile must be in (0, 100], got {percentile:g}")
+    if optimizer is not None and optimizer < 0:
+        raise UsageError(f"--optimizer takes an optimizer index (0 or more), got {optimizer}")
     if plot is not None:
-        plots.check_path(plot)  # a bad file name fails before the analysis, not after
+        console.check_output_file(plots.check_path(plot), "--plot")  # a bad file name fails before the analysis
     loaded = store.load_run(run, runs_dir)
     recommendations = recommend_max_norm(loaded, percentile=percentile, skip_steps=skip_steps, optimizer=optimizer)
     if plot is not None:
-        written = plots.save_figure(plots.plot_recommend(loaded, recommendations), plot)
+        with plots.quiet():
+            written = plots.save_figure(plots.plot_recommend(loaded, recommendations), plot)
         print(f"gradscope: wrote {written}", file=sys.stderr)
     if json_output:
         view.render_json(recommendations)
@@ -254,8 +275,8 @@ def compare(
     ] = None,
     seeds: Annotated[
         int,
-        typer.Option(min=1, help="Run every arm with this many seeds (the recorded seed, +1, +2...), paired "
-                                 "across arms. The verdict claims an effect only with 3 or more."),
+        typer.Option(min=1, max=MAX_SEEDS, help="Run every arm with this many seeds (the recorded seed, +1, +2...), "
+                     "paired across arms. The verdict claims an effect only with 3 or more."),
     ] = 3,
     steps: Annotated[
         int | None,
@@ -285,6 +306,11 @@ def compare(
         bool,
         typer.Option("--json", help="Print the comparison as one JSON document instead of the table."),
     ] = False,
+    trust_run: Annotated[
+        bool,
+        typer.Option("--trust-run", help="Run the recorded command even when its script, command line or "
+                                         "interpreter does not match the record or this machine (see --dry-run)."),
+    ] = False,
     runs_dir: RunsDirOpt = None,
 ) -> None:
     """Rerun the script of RUN with clipping injected before every optimizer step, and compare.
@@ -295,14 +321,16 @@ def compare(
     script's own clipping disabled. Prints a table per arm and optimizer, a verdict from a paired t
     interval over seeds, and writes loss and gradient-norm plots.
     Exit codes: 0 ok (also when an arm crashed, diverged or could not be injected: the table says so),
-    1 no such run, script or interpreter gone, or every arm failed, 2 bad option, 3 no steps to
-    recommend from, 130 Ctrl-C.
+    1 no such run, script or interpreter gone or not matching the record (see --trust-run), or every
+    arm failed, 2 bad option, 3 no steps, 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP.
     """
     from gradscope.compare import CompareOptions, plan_compare, run_compare, view
 
+    if max_time is not None and not (math.isfinite(max_time) and max_time > 0):
+        raise UsageError(f"--max-time takes a positive number of seconds, got {max_time:g}")
     options = CompareOptions(run=run, runs_dir=runs_dir, max_norm=max_norm or (None if clip_value else "auto"),
                              clip_value=clip_value, seeds=seeds, steps=steps, max_time=max_time, out_dir=out,
-                             python=python)
+                             python=python, trust_run=trust_run)
     plan = plan_compare(options)
     if dry_run:
         raise typer.Exit(view.dry_run(plan, as_json=as_json))
@@ -312,26 +340,35 @@ def compare(
     raise typer.Exit(view.report(result, as_json=as_json))
 
 
+MAX_SEEDS = 1000  # compare --seeds: more is a typo, not a plan
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script and ``python -m gradscope``; returns the exit code.
 
-    typer reports usage errors itself (exit 2); a :class:`GradscopeError` from any command becomes
-    one line on stderr and its own exit code, never a traceback.
+    Every error is one line on stderr starting with ``gradscope:``, never a traceback or a box: a
+    usage error (typer's own too: an unknown option, a missing argument, a bad number) exits 2, a
+    :class:`GradscopeError` with its own exit code. A closed stdout (``| head``) ends quietly with 0.
     """
+    stdout_was_devnull = console.stdout_is_devnull()
     try:
-        app(args=argv, prog_name="gradscope")
+        result = app(args=argv, prog_name="gradscope", standalone_mode=False)
     except GradscopeError as exc:
-        print(f"gradscope: {exc.message}", file=sys.stderr)
-        return exc.exit_code
+        return console.error_line(exc.message, exc.exit_code)
+    except CliError as exc:
+        return console.cli_error(exc)
+    except typer.Abort:
+        return console.error_line("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        return console.closed_stdout()
     except SystemExit as exc:
-        return _exit_status(exc.code)
-    return EXIT_OK
-
-
-def _exit_status(code: object) -> int:
-    if code is None:
-        return EXIT_OK
-    if isinstance(code, int):
-        return code
-    print(code, file=sys.stderr)
-    return EXIT_ERROR
+        if exc.code == EXIT_ERROR and isinstance(exc.__context__, BrokenPipeError):
+            return console.closed_stdout()  # typer met the closed pipe and exited 1
+        if exc.code == EXIT_ERROR and not stdout_was_devnull and console.stdout_is_devnull():
+            return EXIT_OK  # rich met the closed pipe: it sent stdout to /dev/null and exited 1
+        return console.exit_status(exc.code)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return console.closed_stdout()
+    return console.exit_status(result)

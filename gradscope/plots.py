@@ -8,8 +8,10 @@ so importing this module costs nothing; nothing here imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +32,15 @@ DPI = 100
 MAX_POINTS = 4000
 SUFFIXES = (".png", ".svg", ".pdf")
 RECOMMEND_FIGSIZE = (12.0, 4.5)  # inches per optimizer row
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """No warning of numpy's or matplotlib's on stderr while drawing: an extreme value (a log axis up to
+    max_norm=1e308 overflows) is drawn as well as it can be, and the report stays clean."""
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -63,7 +74,8 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     """
     target = check_path(path)
     try:
-        fig.savefig(target, dpi=DPI)
+        with quiet():
+            fig.savefig(target, dpi=DPI)
     except OSError as exc:
         raise GradscopeError(f"cannot write the plot {target}: {exc.strerror or exc}") from None
     return target

@@ -351,13 +351,17 @@ def test_plots_have_one_axis_per_arm_and_a_line_per_seed_and_threshold(toy_compa
 # --------------------------------------------------------------------------------------------------
 
 
-def test_changed_script_warns_with_its_hash_and_gets_a_baseline_arm(tmp_path: Path) -> None:
+def test_changed_script_is_refused_and_with_trust_run_warns_and_gets_a_baseline_arm(tmp_path: Path) -> None:
     script = tmp_path / TOY
     shutil.copy(SCRIPTS / TOY, script)
     original = _profile(tmp_path / "runs", TOY, "--steps", "8", cwd=tmp_path)
     recorded = original.meta.provenance.script_sha256
     script.write_text(script.read_text() + "# edited after the run\n")
-    proc = _compare(tmp_path / "runs", "--max-norm", "1", "--steps", "5", "--seeds", "1", "--json", cwd=tmp_path)
+    refused = _compare(tmp_path / "runs", "--max-norm", "1", "--steps", "5", "--seeds", "1", cwd=tmp_path)
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert "--trust-run" in refused.stderr and not list((tmp_path / "runs").glob("compare-*"))
+    proc = _compare(tmp_path / "runs", "--max-norm", "1", "--steps", "5", "--seeds", "1", "--json", "--trust-run",
+                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert f"changed since run {original.id} was recorded (sha256 {recorded[:12]} then" in proc.stderr
     doc = _json(proc)

@@ -1,14 +1,16 @@
 """`make demo`'s flow on the bundled sample: profile -> recommend -> compare, checked through --json.
 
-The acceptance check: recommend's advice and the demo agree (the sample's large norms are early steps
-at a constant lr, not a warm-up to skip), and clipping the RNN at the recommended max_norm gives a
-smoother loss curve, with no more loss spikes, than not clipping. Every number comes from real training runs
-of `sample_runs/rnn_exploding.py` in subprocesses of the CLI.
+The acceptance check: recommend's advice and the demo agree (the sample's gradient spikes come through
+the whole run, not in a warm-up or its first steps, and the p95 it recommends stands without caveats),
+and clipping the RNN at that max_norm gives a lower final loss than not clipping, claimed by the
+verdict over 3 paired seeds. Every number comes from real training runs of
+`sample_runs/rnn_exploding.py` in subprocesses of the CLI (about a minute on a 2-core machine).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ import gradscope
 
 ROOT = Path(__file__).resolve().parents[1]
 GRADSCOPE = [sys.executable, "-m", "gradscope"]
+CHANCE = math.log(2)  # the sample's loss (binary cross-entropy) when it predicts nothing
 
 
 def _cli(args: list[str], runs: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -29,35 +32,39 @@ def _cli(args: list[str], runs: Path, timeout: float = 600) -> subprocess.Comple
     return proc
 
 
-def test_demo_flow_clipping_gives_a_smoother_loss(tmp_path: Path) -> None:
+def test_demo_flow_clipping_lowers_the_final_loss(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     _cli(["profile", "-q", "sample_runs/rnn_exploding.py"], runs)
     recommended = json.loads(_cli(["recommend", "--json"], runs).stdout)
-    max_norm = recommended["recommendations"][0]["max_norm"]
-    # The demo follows its own advice: the sample's large norms come in its early steps at a constant
-    # lr, which the report names as such (not a warm-up to skip), so the value compared is the one it
-    # recommends, unadjusted.
-    slugs = {note["slug"] for note in recommended["recommendations"][0]["notes"]}
-    assert "early-steps-dominate" in slugs and "warmup-dominates" not in slugs
-    report = _cli(["recommend"], runs).stdout
-    assert "the recommendation stands" in report and "try --skip-steps" not in report
+    rec = recommended["recommendations"][0]
+    max_norm = rec["max_norm"]
     norms = gradscope.load_run(runs_dir=runs).steps["grad_norm"].to_numpy()
     assert max_norm == np.percentile(norms[np.isfinite(norms)], 95)
+    # The demo follows its own advice: the norm spikes come through the whole run (the RNN keeps
+    # running into the cliff), not in a warm-up or the first steps, so the p95 stands as it is and
+    # the report attaches no caveat that the demo would then ignore.
+    slugs = {note["slug"] for note in rec["notes"]}
+    assert not slugs & {"warmup-dominates", "early-steps-dominate", "frequent-clipping", "nonfinite-steps"}
+    assert not rec["warmup"]["dominates"]
+    late = [s for s in rec["spikes"]["shown"] if s["step"] >= rec["warmup"]["window"] and s["ratio"] >= 10]
+    assert late, rec["spikes"]  # cliff-like spikes (10x the running median) after the first 10% of steps
 
-    compared = json.loads(_cli(["compare", "--max-norm", "auto", "--seeds", "2", "--json"], runs).stdout)
+    compared = json.loads(_cli(["compare", "--max-norm", "auto", "--seeds", "3", "--json"], runs).stdout)
     arms = {arm["arm"]: arm for arm in compared["arms"]}
     baseline = arms.pop("baseline")
-    (clipped,) = arms.values()
+    ((name, clipped),) = arms.items()
     assert clipped["max_norm"] == [max_norm]  # one threshold per optimizer: the one recommended, unadjusted
     (base,), (clip,) = baseline["optimizers"], clipped["optimizers"]
-    assert clip["n_finished"] == base["n_finished"] == 2
-    # The effect the demo shows: a smoother loss. Spike counts are small and depend on the machine's
-    # float rounding (a chaotic RNN: 17.5 vs 0.5 loss spikes on one machine, 5 vs 0 on another), and the
-    # pre-clip norm of a clipped run may still spike, so counts are only required not to get worse.
-    assert clip["mean"]["volatility"] < base["mean"]["volatility"]
-    assert clip["mean"]["loss_spikes"] <= base["mean"]["loss_spikes"]
-    assert 0 < clip["mean"]["clipped_fraction"] < 0.2  # a spike guard: it acts on a few steps only
-    # Two seeds support no claim about the final loss: the verdict must say so rather than pick a winner.
-    assert [effect["claim"] for effect in compared["verdict"]["effects"]] == ["indicative only"]
+    assert clip["n_finished"] == base["n_finished"] == 3
+    assert base["mean"]["nonfinite"] == 0  # the unclipped arm stays finite: it is worse, not diverged
+    # The effect the demo shows: unclipped SGD stays near chance, clipped at the recommended max_norm
+    # it learns the task, in every seed, and the verdict claims it.
+    assert all(s["final_loss"] > 0.5 * CHANCE for s in base["seeds"])
+    assert all(s["final_loss"] < 0.1 * CHANCE for s in clip["seeds"])
+    (effect,) = compared["verdict"]["effects"]
+    assert effect["claim"] == "lower" and effect["n_pairs"] == 3
+    assert effect["ci_high"] < 0
+    assert compared["verdict"]["best"] == name
+    assert 0 < clip["mean"]["clipped_fraction"] < 0.2  # a spike guard: it acts on a minority of steps
     for plot in compared["plots"].values():
         assert Path(plot).stat().st_size > 10_000

@@ -638,7 +638,7 @@ BAD_INPUT = [
     ("no such optimizer", _ok, ["--optimizer", "3"], 2, "has no optimizer 3; it has 0"),
     ("skip everything", _ok, ["--skip-steps", "30"], 2, "none at or after step 30: lower --skip-steps"),
     ("plot suffix", _ok, ["--plot", "out.txt"], 2, "use a file name ending in .png, .svg, .pdf"),
-    ("plot unwritable", _ok, ["--plot", "no/such/dir/p.png"], 1, "cannot write the plot no/such/dir/p.png"),
+    ("plot in no directory", _ok, ["--plot", "no/such/dir/p.png"], 2, "--plot no/such/dir/p.png: the directory "),
 ]
 
 

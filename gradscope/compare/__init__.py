@@ -1,6 +1,7 @@
 """``gradscope compare``: rerun the script with clipping injected and compare it with the unclipped run.
 
-:mod:`~gradscope.compare.plan` validates and lays out the arms, :mod:`~gradscope.compare.arms` runs
+:mod:`~gradscope.compare.plan` validates and lays out the arms (with
+:mod:`~gradscope.compare.trust` checking what they will run against the record), :mod:`~gradscope.compare.arms` runs
 them as subprocesses and reads their stores, :mod:`~gradscope.compare.metrics` measures them, and
 :mod:`~gradscope.compare.view` shows the result. Never imports torch.
 """

@@ -6,7 +6,9 @@
 Each arm is a fresh ``python -m gradscope profile`` subprocess with the recorded argv, working
 directory and seed, so it is recorded like any run (a rerun inside this interpreter would not be a
 rerun: ``sys.modules``, seeds and global flags survive). Arms run one at a time, so their wall times
-are comparable on a shared machine, each with its output in a log file.
+are comparable on a shared machine, each with its output in a log file. An arm ends whenever compare
+ends: Ctrl-C, SIGTERM and SIGHUP stop it (SIGINT, then SIGTERM, then SIGKILL), any other exception
+too, and on Linux the kernel sends it SIGTERM when compare's process dies (``PR_SET_PDEATHSIG``).
 
 This module prints nothing and never imports torch: :mod:`gradscope.compare.view` draws the
 progress and the table, :mod:`gradscope.compare.metrics` computes the metrics.
@@ -14,12 +16,17 @@ progress and the table, :mod:`gradscope.compare.metrics` computes the metrics.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Protocol
 
 from gradscope import store
@@ -31,6 +38,49 @@ from gradscope.record.config import ProfileOptions, RecorderConfig
 POLL_SECONDS = 0.5  # how often the running arm's step count is read
 ARM_FLUSH_EVERY = 20  # arms write a part every 20 steps (and >= 2 s apart) so progress moves
 STOP_GRACE_SECONDS = (10.0, 5.0)  # Ctrl-C: wait this long after SIGINT, then after SIGTERM, then kill
+PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent dies
+
+
+class Ended(KeyboardInterrupt):
+    """SIGTERM or SIGHUP reached compare: handled like Ctrl-C (the running arm is stopped), then exit 128+N."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_ended(signum: int, frame: FrameType | None) -> None:
+    raise Ended(signum)
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """While the arms run, SIGTERM and SIGHUP stop the running arm as Ctrl-C does (then restored)."""
+    wanted = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {signum: signal.signal(signum, _raise_ended) for signum in wanted}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the arm get SIGTERM when compare dies (Linux); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # compare died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 @dataclass
@@ -44,6 +94,7 @@ class ArmOutcome:
     exit_code: int | None
     wall_s: float  # the subprocess's wall time, interpreter start-up included
     log_path: Path | None
+    signum: int | None = None  # SIGTERM/SIGHUP that ended compare while this arm ran (None: Ctrl-C or none)
 
 
 @dataclass
@@ -148,19 +199,26 @@ def run_arm(plan: Plan, spec: ArmSpec, log_path: Path, observer: ArmObserver) ->
     start = time.monotonic()
     with open(log_path, "wb") as log:
         # Own session: a terminal's Ctrl-C reaches compare only, which then stops the arm exactly once.
+        # It dies with compare too (SIGTERM when compare's process ends, however it ends).
         proc = subprocess.Popen(arm_argv(plan, spec), cwd=plan.cwd, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, env=arm_env(), start_new_session=True)
+                                stderr=subprocess.STDOUT, env=arm_env(), start_new_session=True,
+                                preexec_fn=_die_with_parent(os.getpid()))
     watcher = _StepWatcher(plan.root, before, proc.pid)
-    interrupted = False
+    interrupted, signum = False, None
     try:
         while proc.poll() is None:
             time.sleep(POLL_SECONDS)
             observer.arm_progress(spec, watcher.poll(), time.monotonic() - start)
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as exc:
+        interrupted, signum = True, getattr(exc, "signum", None)
         _stop(proc)
+    finally:
+        if proc.poll() is None:  # anything else ended compare here: the arm ends with it
+            _stop(proc)
     watcher.poll()
-    return _outcome(spec, proc.wait(), watcher.find(), time.monotonic() - start, log_path, interrupted)
+    outcome = _outcome(spec, proc.wait(), watcher.find(), time.monotonic() - start, log_path, interrupted)
+    outcome.signum = signum
+    return outcome
 
 
 def _outcome(spec: ArmSpec, code: int, run_dir: Path | None, wall: float, log_path: Path,
@@ -189,18 +247,28 @@ def _last_line(path: Path) -> str | None:
 
 def make_out_dir(plan: Plan) -> Path:
     """The comparison's own directory: ``--out`` or a new ``<runs root>/compare-<time>/``."""
-    if plan.out_dir is not None:
-        plan.out_dir.mkdir(parents=True, exist_ok=True)
-        return plan.out_dir.resolve()
-    base = plan.root / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    for attempt in range(1000):
-        path = base if attempt == 0 else base.with_name(f"{base.name}-{attempt + 1}")
-        try:
-            path.mkdir(parents=True)
-            return path
-        except FileExistsError:
-            continue
+    try:
+        if plan.out_dir is not None:
+            plan.out_dir.mkdir(parents=True, exist_ok=True)
+            return plan.out_dir.resolve()
+        base = plan.root / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+        for attempt in range(1000):
+            path = base if attempt == 0 else base.with_name(f"{base.name}-{attempt + 1}")
+            try:
+                path.mkdir(parents=True)
+                return path
+            except FileExistsError:
+                continue
+    except OSError as exc:
+        raise GradscopeError(f"cannot create the comparison's directory: {exc.strerror}: {exc.filename}") from None
     raise GradscopeError(f"cannot find a free directory name for {base}")
+
+
+def check_writable(plan: Plan) -> None:
+    """The arms write their runs next to the recorded one: refuse a runs directory nobody can write to."""
+    if not os.access(plan.root, os.W_OK | os.X_OK):
+        raise GradscopeError(f"the runs directory {plan.root} is not writable, and every arm writes its run there; "
+                             "use a writable --runs-dir (copy the run there)")
 
 
 def run_arms(plan: Plan, out_dir: Path, observer: ArmObserver) -> tuple[list[ArmOutcome], bool]:
@@ -215,8 +283,8 @@ def run_arms(plan: Plan, out_dir: Path, observer: ArmObserver) -> tuple[list[Arm
         try:
             observer.arm_started(spec, index, len(to_run), log_path)
             outcome = run_arm(plan, spec, log_path, observer)
-        except KeyboardInterrupt:  # between two arms: nothing is running
-            outcome = ArmOutcome(spec, None, "not run", None, None, 0.0, None)
+        except KeyboardInterrupt as exc:  # between two arms: nothing is running
+            outcome = ArmOutcome(spec, None, "not run", None, None, 0.0, None, getattr(exc, "signum", None))
         interrupted = interrupted or outcome.status in ("interrupted", "not run")
         observer.arm_finished(spec, outcome)
         outcomes.append(outcome)
@@ -243,14 +311,18 @@ def run_compare(plan: Plan, observer: ArmObserver) -> CompareResult:
     and reported, and the exit code is 130. The ``latest`` pointer is put back on the recorded run,
     so ``gradscope recommend`` and ``compare`` keep meaning the user's run, not the last arm.
     """
+    check_writable(plan)
     out_dir = make_out_dir(plan)
-    outcomes, interrupted = run_arms(plan, out_dir, observer)
+    with stop_signals():
+        outcomes, interrupted = run_arms(plan, out_dir, observer)
+    signum = next((o.signum for o in outcomes if o.signum), None)
     store.point_latest(plan.root, plan.run.path)
     comparison = compare_arms(_seed_runs(plan, outcomes), plan.optimizers or None)
     plots = _draw(comparison, out_dir)
     ran = [s for a in comparison.arms for s in a.seeds if not s.reused]
     if interrupted:
-        code, error = EXIT_INTERRUPTED, "interrupted: the arms that finished are reported above"
+        code = EXIT_INTERRUPTED if signum is None else 128 + signum
+        error = "interrupted: the arms that finished are reported above"
     elif ran and all(s.status == "crashed" for s in ran):  # not injected or diverged: ran, and reported
         code, error = EXIT_ERROR, f"every arm failed; their output is in {out_dir}/arm-*.log"
     else:
@@ -265,6 +337,7 @@ def _draw(comparison: Comparison, out_dir: Path) -> dict[str, Path]:
     from gradscope import plots  # matplotlib is imported only here, never in profile
 
     paths = {"loss": out_dir / "loss.png", "grad_norm": out_dir / "grad_norm.png"}
-    plots.plot_compare_loss(comparison, paths["loss"])
-    plots.plot_compare_grad_norm(comparison, paths["grad_norm"])
+    with plots.quiet():
+        plots.plot_compare_loss(comparison, paths["loss"])
+        plots.plot_compare_grad_norm(comparison, paths["grad_norm"])
     return paths

@@ -9,16 +9,15 @@ unclipped, unchanged script); otherwise a ``--no-clip`` baseline arm runs too. N
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gradscope import store
+from gradscope.compare import trust
 from gradscope.compare.metrics import Clip, optimizer_name, optimizers_of, step_frame
 from gradscope.errors import GradscopeError, NoDataError, UsageError
 from gradscope.record.config import Thresholds, parse_thresholds
@@ -40,6 +39,7 @@ class CompareOptions:
     max_time: float | None = None  # cap each arm at S seconds
     out_dir: Path | None = None  # where logs, plots and compare.json go
     python: str | None = None  # the interpreter the arms run with; default: the recorded one
+    trust_run: bool = False  # run a script, command or interpreter that does not match the record
 
 
 @dataclass(frozen=True)
@@ -145,15 +145,19 @@ def plan_compare(options: CompareOptions) -> Plan:
     values = parse_clip_values(options.clip_value) if options.clip_value else []
     if not norms and not values:
         raise UsageError("nothing to compare: give --max-norm or --clip-value")
+    if options.out_dir is not None and options.out_dir.exists() and not options.out_dir.is_dir():
+        raise UsageError(f"--out {options.out_dir}: a file is there; give a directory")
     run = store.load_run(options.run, options.runs_dir)
     notes: list[str] = []
     provenance = _provenance(run)
-    python = _interpreter(run, provenance, options.python, notes)
-    script_changed = _script_changed(run, provenance, notes)
+    python = trust.interpreter(run, provenance, options.python, options.trust_run, notes)
+    trust.check_command(run, provenance, options.trust_run, notes)
+    script_changed = trust.check_script(run, provenance, options.trust_run, notes)
     n_steps = len(step_frame(run))
     optimizers = {k: optimizer_name(_meta_of(run, k), k) for k in optimizers_of(run)}
-    if n_steps == 0 and AUTO in [*norms, *values]:
-        raise NoDataError(f"run {run.id} recorded no optimizer step, so there is nothing to recommend a threshold from")
+    if n_steps == 0:
+        raise NoDataError(f"run {run.id} recorded no optimizer step, so there is nothing to compare against; "
+                          "profile a run that trains first")
     auto = _auto_max_norm(run, optimizers) if AUTO in norms else None
     auto_value = _auto_clip_value(run) if AUTO in values else None
     clips = _clips(norms, auto, values, auto_value, optimizers, notes)
@@ -199,24 +203,9 @@ def _provenance(run: store.Run) -> store.Provenance:
     if prov is None or not prov.target or not prov.script_path:
         raise GradscopeError(f"run {run.id} was not recorded by gradscope profile (its meta.json names no script), "
                              "so there is nothing to rerun; profile the script with gradscope profile first")
-    path, recorded = Path(prov.script_path), prov.script_sha256 or "unknown"
-    if not path.is_file():
-        raise GradscopeError(f"the script {path} of run {run.id} no longer exists (recorded sha256 {recorded[:12]}); "
-                             "restore it or profile the script again")
     if not Path(prov.cwd).is_dir():
         raise GradscopeError(f"the working directory {prov.cwd} of run {run.id} no longer exists")
     return prov
-
-
-def _script_changed(run: store.Run, prov: store.Provenance, notes: list[str]) -> bool:
-    """Note (and return True) when the script's content differs from the one recorded."""
-    path, recorded = Path(prov.script_path), prov.script_sha256
-    current = hashlib.sha256(path.read_bytes()).hexdigest()
-    if recorded is not None and current != recorded:
-        notes.append(f"warning: {path} changed since run {run.id} was recorded (sha256 {recorded[:12]} then, "
-                     f"{current[:12]} now): the arms run the current file")
-        return True
-    return False
 
 
 def _auto_max_norm(run: store.Run, optimizers: dict[int, str]) -> Thresholds:
@@ -247,24 +236,6 @@ def _auto_clip_value(run: store.Run) -> float:
     if not math.isfinite(value) or value <= 0:
         raise NoDataError(f"gradscope recommend found no finite value-clipping threshold in run {run.id}")
     return value
-
-
-def _interpreter(run: store.Run, prov: store.Provenance, chosen: str | None, notes: list[str]) -> str:
-    """The interpreter the arms run with: ``--python``, else the recorded one, else this one (with a note)."""
-    if chosen is not None:
-        path = os.path.abspath(os.path.expanduser(chosen))  # a symlink stays itself: its venv is where it sits
-        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            raise UsageError(f"--python {chosen}: no executable file there")
-        return path
-    recorded = prov.executable
-    if recorded is None:
-        notes.append(f"run {run.id} does not record its interpreter (an older gradscope recorded it): the arms "
-                     f"run with this one, {sys.executable}; choose another with --python PATH")
-        return sys.executable
-    if not os.path.isfile(recorded):
-        raise GradscopeError(f"the interpreter {recorded} that ran run {run.id} no longer exists; "
-                             "choose one with --python PATH")
-    return recorded
 
 
 def _seeds(run: store.Run, n: int, notes: list[str]) -> list[int]:

@@ -236,7 +236,7 @@ def _top_shares(layer_norms: list[tuple[str, float]]) -> tuple[LayerShare, ...]:
 
 def _nonfinite(view: OptimizerView, layers: LayerData) -> NonFinite:
     cols, first = view.cols, view.first_nonfinite_step
-    bad_rows = ~np.isfinite(cols["grad_norm"])
+    bad_rows = ~np.isfinite(cols["grad_norm"]) & ~cols["no_grad"]  # no gradient at all is not non-finite
     count, not_skipped = int(bad_rows.sum()), int((bad_rows & ~cols["skipped"]).sum())
     if first is None:
         return NonFinite(count, not_skipped, None, False, None, (), 0)
@@ -301,6 +301,8 @@ def status_note(run: Run, steps: np.ndarray) -> str | None:
     """One line on how the run ended when that limits the data; ``None`` for a finished run."""
     last = int(steps.max()) if len(steps) else 0
     status = run.status
+    if run.incomplete:  # gradscope could not write everything it recorded (disk full, a file-size limit)
+        return f"incomplete run ({run.incomplete}): using the {len(steps)} steps that were written"
     if status == "killed":
         return f"incomplete run (killed at step {last}): using the steps recorded up to its last flush"
     if status == "running":

@@ -18,8 +18,9 @@ from gradscope.errors import NoDataError, RunFormatError, UsageError
 from gradscope.stats import NORM_SPIKE, spike_ratios
 from gradscope.store import Run
 
-# grad_norm itself says whether a step is non-finite: the nonfinite column is not read.
-_STEP_COLUMNS = ["step", "optimizer", "grad_norm", "skipped", "max_norm", "clip_source", "lr"]
+# A null grad_norm (not NaN) with nonfinite false is a step whose optimizer had no gradient at all (everything under
+# torch.no_grad, a loss that never reached the parameters): not a non-finite step.
+_STEP_COLUMNS = ["step", "optimizer", "grad_norm", "nonfinite", "skipped", "max_norm", "clip_source", "lr"]
 
 
 def read_steps(run: Run) -> dict[str, np.ndarray]:
@@ -32,6 +33,7 @@ def read_steps(run: Run) -> dict[str, np.ndarray]:
     out["step"] = table.column("step").to_numpy().astype(np.int64)
     out["optimizer"] = table.column("optimizer").to_numpy().astype(np.int64)
     out["skipped"] = _flags(table.column("skipped"))
+    out["no_grad"] = _flags(pc.is_null(table.column("grad_norm"))) & ~_flags(table.column("nonfinite"))
     out["clip_source"] = _clip_source_codes(table.column("clip_source"))
     key = out["optimizer"] * (int(out["step"].max(initial=0)) + 1) + out["step"]
     if len(key) and (np.diff(key) < 0).any():  # written in order; sort only if something is not
@@ -93,7 +95,7 @@ class OptimizerView:
     @cached_property
     def first_nonfinite_step(self) -> int | None:
         """The first step (used or not) whose global norm is inf or NaN; ``None`` when there is none."""
-        bad = np.flatnonzero(~np.isfinite(self.cols["grad_norm"]))
+        bad = np.flatnonzero(~np.isfinite(self.cols["grad_norm"]) & ~self.cols["no_grad"])
         return int(self.cols["step"][bad[0]]) if len(bad) else None
 
 
@@ -133,6 +135,10 @@ def _why_empty(view: OptimizerView, skip_steps: int) -> str:
     if finite.any():  # the steps were there: skip_steps took them all
         return (f"optimizer {view.label} has {int(finite.sum())} usable steps, none at or after "
                 f"step {view.first_step + skip_steps}: lower --skip-steps")
+    if cols["no_grad"].all():
+        return (f"none of the {len(cols['step'])} recorded steps of optimizer {view.label} had a gradient "
+                f"(no parameter's .grad was set: a loss that never reached them, or a step under torch.no_grad): "
+                f"nothing to set a threshold from")
     return (f"every one of the {len(cols['step'])} recorded norms of optimizer {view.label} is non-finite "
             f"or AMP-skipped: nothing to set a threshold from")
 

@@ -194,6 +194,7 @@ def _columns(rows: list[Row]) -> tuple[dict[str, Any], dict[str, Any]]:
     with np.errstate(divide="ignore", invalid="ignore"):
         coef = np.where(g_raw > 0, g_applied / g_raw, 1.0)
     skipped = np.array([r.skipped for r in rows], dtype=bool) | (found_inf > 0)
+    has_grad = decoded.present.any(axis=1)  # False: the optimizer stepped with no gradient at all (no_grad)
     n = len(rows)
     step = np.array([r.step for r in rows], dtype=np.int64)
     max_norm = [r.max_norm for r in rows]
@@ -201,8 +202,8 @@ def _columns(rows: list[Row]) -> tuple[dict[str, Any], dict[str, Any]]:
     steps = {
         "step": _numeric(step, np.int64, pa.int64()),
         "optimizer": _numeric(np.full(n, slot.index), np.int16, pa.int16()),
-        "grad_norm": _numeric(g_raw, np.float64, pa.float64()),
-        "applied_norm": _numeric(g_applied, np.float64, pa.float64()),
+        "grad_norm": _numeric(g_raw, np.float64, pa.float64(), has_grad),  # null: no gradient at all
+        "applied_norm": _numeric(g_applied, np.float64, pa.float64(), has_grad),
         "max_norm": _numeric([0.0 if m is None else m for m in max_norm], np.float64, pa.float64(), max_norm_valid),
         "clip_source": _strings([r.clip_source for r in rows]),
         "clip_coef": _numeric(coef, np.float64, pa.float64()),
@@ -211,7 +212,7 @@ def _columns(rows: list[Row]) -> tuple[dict[str, Any], dict[str, Any]]:
         "lr": _numeric([_host_float(r.lr) for r in rows], np.float64, pa.float64()),
         "loss_scale": _numeric(loss_scale, np.float64, pa.float64(), ~np.isnan(loss_scale)),
         "skipped": _numeric(skipped, bool, pa.bool_()),
-        "nonfinite": _numeric(~np.isfinite(g_raw), bool, pa.bool_()),
+        "nonfinite": _numeric(~np.isfinite(g_raw) & has_grad, bool, pa.bool_()),
         "time_s": _numeric([r.time_s for r in rows], np.float64, pa.float64()),
     }
     layers = {

@@ -84,6 +84,35 @@ def parse_clip_value(text: str, option: str = "--clip-value") -> float:
     return value
 
 
+#: torch.manual_seed's range: a seed outside it raises inside torch.
+SEED_MIN, SEED_MAX = -0x8000_0000_0000_0000, 0xFFFF_FFFF_FFFF_FFFF
+
+
+def check_profile_options(options: ProfileOptions) -> None:
+    """Check every profile option before the script runs.
+
+    Raises:
+        ValueError: with a one-line message naming the option and the bad value.
+    """
+    rec = options.recording
+    if rec.seed is not None and not SEED_MIN <= rec.seed <= SEED_MAX:
+        raise ValueError(f"--seed takes an integer from {SEED_MIN} to {SEED_MAX} (torch.manual_seed's range); "
+                         f"{rec.seed} is outside it")
+    if rec.flush_every < 1:
+        raise ValueError(f"--flush-every takes a positive number of steps; {rec.flush_every} is not")
+    if rec.max_steps is not None and rec.max_steps < 1:
+        raise ValueError(f"--max-steps takes a positive number of steps; {rec.max_steps} is not")
+    if rec.max_time is not None and not (math.isfinite(rec.max_time) and rec.max_time >= 0):
+        raise ValueError(f"--max-time takes a finite number of seconds, 0 or more; {rec.max_time} is not")
+    label = options.label
+    if label is not None and (not label.strip() or any(c in label for c in "/\\\0") or label in (".", "..")):
+        raise ValueError(f"--label names the run: a non-empty name without path separators; {label!r} is not")
+    if options.runs_dir is not None:
+        root = os.path.expanduser(os.fspath(options.runs_dir))
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise ValueError(f"--runs-dir {options.runs_dir} is a file, not a directory")
+
+
 @dataclass
 class RecorderConfig:
     """What to record and how; every field but ``flush_seconds`` has a ``gradscope profile`` option."""

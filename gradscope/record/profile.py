@@ -28,12 +28,9 @@ from gradscope.record import runner
 from gradscope.record.config import ProfileOptions
 
 
-class _Terminated(BaseException):
-    """SIGTERM arrived: unwind the script like Ctrl-C would, so the run is saved, then die by the signal."""
-
-
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt saving the run
+    raise runner.Terminated()
 
 
 def _say(options: ProfileOptions, message: str) -> None:
@@ -71,20 +68,26 @@ def run_profile(options: ProfileOptions) -> int:
 
     from gradscope.record.recorder import Recorder  # torch is imported here, after validation
 
-    recorder = Recorder(run_dir, label=label, config=options.recording, provenance=_provenance(options, target))
+    # latest moves to this run at its first written step (an empty run, e.g. `train.py --help`, never takes it)
+    recorder = Recorder(run_dir, label=label, config=options.recording, provenance=_provenance(options, target),
+                        latest_root=root)
     recorder.start()
-    store.point_latest(root, run_dir)
     os.environ["GRADSCOPE_PROFILING"] = "1"  # lets a script skip expensive evaluation while profiled
     _say(options, f"recording {options.target} to {_shown(run_dir)}")
     previous = signal.getsignal(signal.SIGTERM)
     if previous is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)
     outcome = runner.run(target)
-    terminated = isinstance(outcome.exception, _Terminated)
-    if terminated:
-        outcome = runner.Outcome(128 + signal.SIGTERM, "interrupted", "terminated by SIGTERM")
-    recorder.stop(outcome.status, outcome.exit_code, outcome.error)
-    _summarise(options, recorder, run_dir, outcome)
+    terminated = isinstance(outcome.exception, runner.Terminated)
+    if previous is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # saving the run is not interrupted; we die by it below
+    try:  # the script's outcome is sacred: nothing of ours may change its exit code or add a traceback
+        recorder.stop(outcome.status, outcome.exit_code, outcome.error)
+        _summarise(options, recorder, run_dir, outcome)
+    except Exception as exc:
+        print(f"gradscope: warning: could not finish the run ({type(exc).__name__}: {exc})", file=sys.stderr)
+    if previous is signal.SIG_DFL and not terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if terminated:
         _die_by(signal.SIGTERM)
     if isinstance(outcome.exception, KeyboardInterrupt):
@@ -116,7 +119,8 @@ def _summarise(options: ProfileOptions, recorder: Any, run_dir: Path, outcome: r
                       "(DeepSpeed, a custom class that skips Optimizer.__init__), or a run that stopped before its "
                       "first step is invisible to it")
     status = outcome.status if outcome.exit_code != EXIT_OK or outcome.status != "complete" else "complete"
-    _say(options, f"{status}: {steps} steps recorded in {_shown(run_dir)}")
+    lost = " (incomplete: some could not be written, see the warning above)" if recorder.incomplete else ""
+    _say(options, f"{status}: {steps} steps recorded in {_shown(run_dir)}{lost}")
     if steps and outcome.exit_code == EXIT_OK:
         runs_flag = f" --runs-dir {shlex.quote(str(options.runs_dir))}" if options.runs_dir else ""
         _say(options, f"next: gradscope recommend{runs_flag}")

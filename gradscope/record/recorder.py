@@ -79,17 +79,22 @@ class Recorder:
         label: the run name's prefix when a new run directory is made.
         config: see :class:`RecorderConfig`.
         provenance: what ran, for meta.json (``gradscope profile`` gives it; None from the Python API).
+        latest_root: the runs root whose ``latest`` link moves to this run once it has written a step
+            (``gradscope profile`` gives it; a new run directory made here sets it to its runs root).
     """
 
     _active: Recorder | None = None
 
     def __init__(self, run_dir: str | os.PathLike[str] | None = None, *, runs_dir: str | os.PathLike[str] | None = None,
-                 label: str = "python", config: RecorderConfig | None = None, provenance: store.Provenance | None = None) -> None:
+                 label: str = "python", config: RecorderConfig | None = None, provenance: store.Provenance | None = None,
+                 latest_root: Path | None = None) -> None:
         self.config = config or RecorderConfig()
         self.run_dir: Path | None = Path(run_dir) if run_dir is not None else None
         self._label = label
         self._runs_dir = runs_dir
         self._provenance = provenance
+        self._latest_root = latest_root
+        self._incomplete: str | None = None  # why recorded data was lost (a failed write), for meta.json
         self._guard = Guard()
         self._buffer = StepBuffer()
         self._writer: store.RunWriter | None = None
@@ -127,7 +132,7 @@ class Recorder:
         if self.run_dir is None:
             root = store.runs_root(self._runs_dir)
             self.run_dir = store.create_run_dir(root, self._label)
-            store.point_latest(root, self.run_dir)
+            self._latest_root = root
         self._writer = store.RunWriter(self.run_dir)
         self._start_time = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self._write_meta(status="running")
@@ -142,7 +147,12 @@ class Recorder:
         return self
 
     def stop(self, status: str = "complete", exit_code: int | None = 0, error: str | None = None) -> None:
-        """Remove the hooks, flush what is pending, compact the parts and finish meta.json."""
+        """Remove the hooks, flush what is pending, compact the parts and finish meta.json.
+
+        Never raises: a failure of gradscope's own writing (disk full, a file-size limit, any bug of
+        ours) becomes one warning and meta.json's ``incomplete``; what was written is kept, temp
+        files are removed, and the script's outcome is untouched.
+        """
         if not self._started or self._stopped or os.getpid() != self._pid:
             return  # a forked child (DataLoader worker) must not finish the parent's run
         self._stopped = True
@@ -153,14 +163,46 @@ class Recorder:
             self._manual.commit()
         except StopRun:
             pass  # the loop's last update reached --max-steps: the run is ending anyway
-        self._flush()
+        self._finish_files()
+        end_time = datetime.now(timezone.utc).isoformat(timespec="seconds")
         try:
+            self._write_meta(status=status, exit_code=exit_code, error=error, end_time=end_time)
+        except Exception as exc:  # meta.json stays as last written (a reader then sees the run killed)
+            self._lost(f"could not finish meta.json ({_reason(exc)})")
+        finally:
             assert self._writer is not None
+            self._writer.remove_temp_files()
+
+    def _finish_files(self) -> None:
+        """The last flush, then compaction; a failure of either is recorded, never raised."""
+        assert self._writer is not None
+        pending = self._buffer.pending
+        try:
+            self._flush()
+        except Exception as exc:
+            self._lost(f"could not write the last {pending} recorded steps ({_reason(exc)})")
+        try:
             self._writer.compact()
         except Exception as exc:  # the parts stay readable; say so rather than lose the run
-            self._guard.warn("compact", f"could not compact the part files ({exc}); the parts are kept")
-        self._write_meta(status=status, exit_code=exit_code, error=error,
-                         end_time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            if self._incomplete is None:  # one warning per run: a failed flush already said why
+                self._guard.warn("compact", f"could not compact the part files ({_reason(exc)}); the parts are kept")
+        self._guard.call("latest", self._point_latest)
+
+    def _lost(self, reason: str) -> None:
+        """Recorded data was lost: warn (the first time only), and say so in meta.json's ``incomplete``."""
+        if self._incomplete is None:
+            self._incomplete = reason
+            self._guard.warn("lost", f"{reason}; the run is marked incomplete and the script goes on as it would")
+
+    def _point_latest(self) -> None:
+        """Move ``latest`` to this run, once, when it has written at least one step."""
+        if self._latest_root is None or self._commits == 0 or self.run_dir is None:
+            return
+        root, self._latest_root = self._latest_root, None
+        try:
+            store.point_latest(root, self.run_dir)
+        except store.GradscopeError as exc:
+            self._guard.warn("latest", exc.message)
 
     def __enter__(self) -> Recorder:
         return self.start()
@@ -185,6 +227,11 @@ class Recorder:
     def n_steps(self) -> int:
         """Records written or pending so far, over all optimizers."""
         return self._commits
+
+    @property
+    def incomplete(self) -> str | None:
+        """Why recorded data was lost (a failed write of gradscope's own), or None."""
+        return self._incomplete
 
     @property
     def seeds(self) -> list[int]:
@@ -224,7 +271,7 @@ class Recorder:
         if pending >= cfg.flush_every:
             interval = max(cfg.flush_seconds, 0.002 * row.time_s)  # fewer parts as a long run ages
             if time.perf_counter() - self._last_flush >= interval or pending >= 100 * cfg.flush_every:
-                self._guard.call("flush", self._flush)
+                self._flush_guarded()
         if cfg.max_steps is not None or cfg.max_time is not None:
             self._check_stop(row)
 
@@ -235,12 +282,23 @@ class Recorder:
         if cfg.max_time is not None and row.time_s >= cfg.max_time:
             raise StopRun(f"--max-time {cfg.max_time:g}s reached")
 
+    def _flush_guarded(self) -> None:
+        """A flush while the script runs: a failure is warned once and marks the run incomplete."""
+        try:
+            self._flush()
+        except StopRun:
+            raise
+        except Exception as exc:
+            self._lost(f"could not write recorded steps ({_reason(exc)})")
+
     def _flush(self) -> None:
         if os.getpid() != self._pid or self._writer is None:
             return  # forked child: the parent owns the run
         self._last_flush = time.perf_counter()
         for kind, columns in encode(self._buffer.take()):  # the flush's one device-to-host copy
             self._writer.write_part(kind, columns)
+        if self._latest_root is not None:
+            self._guard.call("latest", self._point_latest)  # the first part with a step: the run is worth showing
         if self._layouts.dirty:
             self._write_meta(status="running")
 
@@ -257,5 +315,12 @@ class Recorder:
             norm_type=2.0, clipping=self._clips.describe(self._injector.describe(self._layouts.n_slots)),
             optimizers=self._layouts.describe(),
             flush_every=self.config.flush_every, start_time=self._start_time, end_time=end_time,
-            exit_code=exit_code, error=error, n_steps=self._commits, host=socket.gethostname(), pid=self._pid)
+            exit_code=exit_code, error=error, n_steps=self._commits, host=socket.gethostname(), pid=self._pid,
+            incomplete=self._incomplete)
         store.write_meta(self.run_dir, meta)
+
+
+def _reason(exc: Exception) -> str:
+    """One line for a failure of ours: ``OSError: [Errno 27] File too large``."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -18,6 +18,7 @@ import builtins
 import importlib.machinery
 import importlib.util
 import os
+import signal
 import sys
 import traceback
 import types
@@ -25,6 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradscope.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, GradscopeError, StopRun
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (raised by the caller's handler): unwind the script like Ctrl-C would, print
+    nothing (python prints nothing when SIGTERM kills it), and end as ``128 + SIGTERM``."""
 
 
 @dataclass
@@ -157,6 +163,8 @@ def run(target: Target) -> Outcome:
         return _exit_outcome(exc)
     except StopRun as exc:
         return Outcome(EXIT_OK, "complete", str(exc), exc)
+    except Terminated as exc:
+        return Outcome(128 + signal.SIGTERM, "interrupted", "terminated by SIGTERM", exc)
     except KeyboardInterrupt as exc:
         _print_exception(exc)
         return Outcome(EXIT_INTERRUPTED, "interrupted", "KeyboardInterrupt", exc)

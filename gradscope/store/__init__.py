@@ -8,9 +8,11 @@ A run directory holds::
     parts/           closed part files written while the run is alive
 
 The columns and part files are :mod:`gradscope.store.tables`, meta.json's keys
-:mod:`gradscope.store.meta`; every other module imports this one only, which re-exports what they
+:mod:`gradscope.store.meta`, where runs live and the ``latest`` link :mod:`gradscope.store.runs`;
+every other module imports this one only, which re-exports what they
 need. A reader falls back to the parts when compaction never happened (``kill -9``, OOM) and says
-the run is incomplete. Nothing in a run directory is ever executed: no pickle, only JSON, Arrow and
+the run is incomplete; a part that does not read (0 bytes, truncated, garbage) is skipped with one
+warning and the rest is read. Every file counts only once fsynced (file, then directory). Nothing in a run directory is ever executed: no pickle, only JSON, Arrow and
 parquet. No torch here: reporters read runs without paying for torch.
 """
 
@@ -18,9 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -41,132 +41,24 @@ from gradscope.store.meta import (
     RunMeta,
     check_version,
 )
+from gradscope.store.runs import (
+    DEFAULT_RUNS_DIR,
+    LATEST_NAME,
+    META_NAME,
+    PARTS_DIR,
+    RUNS_DIR_ENV,
+    atomic_write_text,
+    create_run_dir,
+    list_runs,
+    point_latest,
+    resolve_run,
+    runs_root,
+)
 from gradscope.store.tables import LAYERS_SCHEMA, STEPS_SCHEMA, TABLES
-
-RUNS_DIR_ENV = "GRADSCOPE_DIR"
-DEFAULT_RUNS_DIR = ".gradscope"
-LATEST_NAME = "latest"
-META_NAME = "meta.json"
-PARTS_DIR = "parts"
-
-
-# --------------------------------------------------------------------------------------------------
-# Locating runs
-# --------------------------------------------------------------------------------------------------
-
-
-def runs_root(runs_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The directory that holds the runs: the argument, else ``$GRADSCOPE_DIR``, else ``./.gradscope``.
-
-    Always absolute, resolved *before* the user's script runs (the script may ``chdir``).
-    """
-    chosen = runs_dir or os.environ.get(RUNS_DIR_ENV) or DEFAULT_RUNS_DIR
-    return Path(chosen).expanduser().absolute()
-
-
-def _safe_stem(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "run"
-
-
-def create_run_dir(root: Path, label: str) -> Path:
-    """Make a new, empty run directory named ``<label>-<YYYYmmdd-HHMMSS>`` under ``root``.
-
-    Raises:
-        GradscopeError: the runs directory cannot be created or written.
-    """
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = f"{_safe_stem(label)}-{stamp}"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        for attempt in range(1000):
-            run_dir = root / (base if attempt == 0 else f"{base}-{attempt + 1}")
-            try:
-                run_dir.mkdir()
-            except FileExistsError:
-                continue
-            (run_dir / PARTS_DIR).mkdir()
-            return run_dir
-    except OSError as exc:
-        raise GradscopeError(f"cannot write runs directory {root}: {exc.strerror or exc}") from None
-    raise GradscopeError(f"cannot find a free run name for {base} in {root}")
-
-
-def point_latest(root: Path, run_dir: Path) -> None:
-    """Point ``<root>/latest`` at ``run_dir``: a relative symlink swapped in atomically."""
-    tmp = root / f".{LATEST_NAME}.{os.getpid()}"
-    try:
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
-        os.symlink(run_dir.name, tmp)
-        os.replace(tmp, root / LATEST_NAME)
-    except OSError:
-        # No symlinks (some network file systems): a text file naming the run works as well.
-        _atomic_write_text(root / LATEST_NAME, run_dir.name + "\n")
-
-
-def list_runs(root: Path) -> list[Path]:
-    """Run directories under ``root``, oldest first (by their directory's modification time)."""
-    if not root.is_dir():
-        return []
-    runs = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and (p / META_NAME).is_file()]
-    return sorted(runs, key=lambda p: (p.stat().st_mtime, p.name))
-
-
-def resolve_run(ref: str | os.PathLike[str] | None = None, runs_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Turn a run reference into a run directory.
-
-    Args:
-        ref: ``None`` for the latest run, a run id (a directory name under the runs root), or a path
-            to a run directory (or to one of its files).
-        runs_dir: the runs root; see :func:`runs_root`.
-
-    Raises:
-        RunNotFoundError: nothing matches, or no run was ever recorded.
-        RunFormatError: the path exists but is not a gradscope run.
-    """
-    root = runs_root(runs_dir)
-    if ref is None:
-        return _latest(root)
-    path = Path(ref).expanduser()
-    if path.is_file() and path.parent.joinpath(META_NAME).is_file():
-        path = path.parent  # e.g. .gradscope/<id>/steps.parquet
-    if not path.exists() and (root / str(ref)).exists():
-        path = root / str(ref)
-    if not path.exists():
-        raise RunNotFoundError(f"no run named {ref!s}: not a path, and not a run id under {root}")
-    if path.is_file():
-        raise RunFormatError(f"{path} is not a gradscope run directory (expected a directory with {META_NAME})")
-    if not (path / META_NAME).is_file():
-        raise RunFormatError(f"{path} is not a gradscope run: it has no {META_NAME}")
-    return path.resolve()
-
-
-def _latest(root: Path) -> Path:
-    link = root / LATEST_NAME
-    if link.is_symlink() or link.is_dir():
-        target = link.resolve()
-    elif link.is_file():
-        target = root / link.read_text().strip()
-    else:
-        runs = list_runs(root)
-        if not runs:
-            raise RunNotFoundError(f"no runs yet in {root}; record one with: gradscope profile train.py")
-        target = runs[-1]
-    if not (target / META_NAME).is_file():
-        raise RunNotFoundError(f"the latest run {target} is gone; name a run id or path instead")
-    return target
-
 
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def write_meta(run_dir: Path, meta: RunMeta) -> None:
@@ -175,7 +67,7 @@ def write_meta(run_dir: Path, meta: RunMeta) -> None:
         raise TypeError(f"write_meta takes a RunMeta, not {type(meta).__name__}")
     text = json.dumps(meta.to_json(), indent=2) + "\n"
     RunMeta.from_json(json.loads(text))  # what is written must read back: a MetaFieldError here is our bug
-    _atomic_write_text(run_dir / META_NAME, text)
+    atomic_write_text(run_dir / META_NAME, text)
 
 
 class RunWriter:
@@ -206,8 +98,9 @@ class RunWriter:
     def compact(self) -> None:
         """Stream the parts into ``steps.parquet`` and ``layers.parquet``, then delete the parts.
 
-        The final files are complete before any part is removed, so a crash here loses nothing:
-        the reader prefers a final file and ignores leftover parts next to it.
+        The final files are complete and durable (fsynced, file and directory) before any part is
+        removed, so a crash here loses nothing: the reader prefers a final file and ignores leftover
+        parts next to it. A failure leaves no final file half-made and keeps every part.
         """
         if not self._owned():
             return
@@ -216,6 +109,15 @@ class RunWriter:
         for part in self.parts_dir.iterdir():
             part.unlink()
         self.parts_dir.rmdir()
+
+    def remove_temp_files(self) -> None:
+        """Delete the temp files a failed write may have left (dot-prefixed ``.tmp``); closed files stay."""
+        if not self._owned():
+            return
+        for folder in (self.parts_dir, self.run_dir):
+            if folder.is_dir():
+                for path in folder.glob(".*.tmp"):
+                    tables.remove_quietly(path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,6 +189,11 @@ class Run:
         if self.meta.host == socket.gethostname() and pid is not None and _pid_alive(pid):
             return "running"
         return "killed"
+
+    @property
+    def incomplete(self) -> str | None:
+        """Why the recording is missing data although the script ran (a failed write), or None."""
+        return self.meta.incomplete
 
     @property
     def complete(self) -> bool:
@@ -370,13 +277,21 @@ class StepCounter:
                 if final.is_file():
                     return tables.final_rows(final)
                 parts = tables.list_parts(self.run_dir / PARTS_DIR, "steps")
-                for part in parts:
-                    if part not in self._rows:
-                        self._rows[part] = tables.part_rows(part)
-                return sum(self._rows[part] for part in parts)
+                return sum(self._part_rows(part) for part in parts)
             except (OSError, pa.ArrowInvalid):
                 continue
         raise RunFormatError(f"cannot count the steps of {self.run_dir}: its step files are not readable")
+
+
+    def _part_rows(self, part: Path) -> int:
+        if part not in self._rows:
+            try:
+                self._rows[part] = tables.part_rows(part)
+            except pa.ArrowInvalid:  # a closed part that does not read (a crash): it holds no readable row
+                if not part.exists():
+                    raise
+                self._rows[part] = 0
+        return self._rows[part]
 
 
 def count_steps(run_dir: Path) -> int:
@@ -388,4 +303,5 @@ __all__ = [
     "LAYERS_SCHEMA", "SCHEMA_VERSION", "STEPS_SCHEMA", "TABLES", "Clipping", "GradscopeError", "OptimizerMeta",
     "Provenance", "Run", "RunMeta", "RunWriter", "StepCounter", "count_steps", "create_run_dir", "list_runs",
     "load_run", "point_latest", "read_meta", "resolve_run", "runs_root", "write_meta",
+    "DEFAULT_RUNS_DIR", "LATEST_NAME", "META_NAME", "PARTS_DIR", "RUNS_DIR_ENV", "RunNotFoundError",
 ]

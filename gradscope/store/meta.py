@@ -23,7 +23,7 @@ from gradscope.errors import RunFormatError
 #: Bump on any change to the tables' columns or to meta.json's keys, and say what changed here.
 #: Additive changes that every reader of the version reads (a key or column that may be absent) keep it.
 #: 1: first release; since then, optional: provenance executable/launcher, clipping's injected_max_norms,
-#: injected_clip_value, script_clip_value and injection, optimizers' n_evaluations, the layers' max_abs column.
+#: injected_clip_value, script_clip_value and injection, optimizers' n_evaluations, the layers' max_abs column, meta's incomplete.
 SCHEMA_VERSION = 1
 FORMAT_NAME = "gradscope-run"
 #: What meta.json's ``status`` may say. A reader adds ``killed`` (see ``store.Run.status``).
@@ -231,6 +231,7 @@ class RunMeta:
     end_time: str | None = None
     exit_code: int | None = None
     error: str | None = None  # "ExceptionType: message" of a failed run
+    incomplete: str | None = None  # why the recording lacks data although the script ran (a failed write)
     n_steps: int | None = None  # rows recorded, over all optimizers
     host: str | None = None
     pid: int | None = None
@@ -243,7 +244,8 @@ class RunMeta:
                "run_id": optional(STR), "label": optional(STR), "seed": optional(INT), "seeds_seen": INTS,
                "norm_type": NUMBER, "flush_every": optional(INT), "start_time": optional(STR),
                "end_time": optional(STR), "exit_code": optional(INT), "error": optional(STR),
-               "n_steps": optional(INT), "host": optional(STR), "pid": optional(INT)}
+               "n_steps": optional(INT), "host": optional(STR), "pid": optional(INT),
+               "incomplete": optional(STR)}
 
     @classmethod
     def from_json(cls, data: Any) -> RunMeta:
@@ -269,13 +271,15 @@ class RunMeta:
         for key in ("gradscope_version", "torch_version", "python_version", "run_id", "label"):
             head[key] = getattr(self, key)
         tail = {key: _plain(getattr(self, key)) for key in self.SCALARS if key not in head}
+        if self.incomplete is None:
+            del tail["incomplete"]  # written only when there is something to say
         tail["clipping"] = self.clipping.to_json()
         tail["optimizers"] = [o.to_json() for o in self.optimizers]
         tail["status"] = self.status
         order = ("seed", "seeds_seen", "norm_type", "clipping", "optimizers", "flush_every", "start_time",
-                 "end_time", "status", "exit_code", "error", "n_steps", "host", "pid")
+                 "end_time", "status", "exit_code", "error", "n_steps", "host", "pid", "incomplete")
         provenance = self.provenance.to_json() if self.provenance is not None else {}
-        return {**head, **provenance, **{key: tail[key] for key in order}, **self.extra}
+        return {**head, **provenance, **{key: tail[key] for key in order if key in tail}, **self.extra}
 
 
 def _plain(value: Any) -> Any:

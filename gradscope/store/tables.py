@@ -15,6 +15,7 @@ imports pyarrow, never pandas or torch (the training process pays for neither at
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -89,10 +90,39 @@ def write_part(parts_dir: Path, kind: str, index: int, columns: dict[str, Any]) 
     table = pa.Table.from_pydict({**columns, **missing}, schema=schema)
     final = parts_dir / f"{kind}-{index:06d}{PART_SUFFIX}"
     tmp = parts_dir / f".{final.name}.tmp"  # dot prefix: list_parts never lists it
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        writer.write_table(table)
-    os.replace(tmp, final)
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            writer.write_table(table)
+        durable_replace(tmp, final)
+    except BaseException:
+        remove_quietly(tmp)  # a failed write (disk full, a file-size limit) leaves no temp file behind
+        raise
     return final
+
+
+def fsync_path(path: Path) -> None:
+    """Flush ``path`` (a file or a directory) to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_replace(tmp: Path, final: Path) -> None:
+    """Rename the closed file ``tmp`` to ``final`` so that after a crash ``final`` is either absent or
+    complete: the file is fsynced before the rename, its directory after it."""
+    fsync_path(tmp)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+
+
+def remove_quietly(path: Path) -> None:
+    """Delete ``path`` if it exists; an error deleting it is not worth another one."""
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 def list_parts(parts_dir: Path, kind: str) -> list[Path]:
@@ -132,19 +162,22 @@ def compact(parts: Sequence[Path], kind: str, final: Path) -> None:
     run must compact without loading it whole); ``final`` appears only when complete."""
     schema = TABLES[kind].with_metadata(FILE_METADATA)
     tmp = final.with_name(f".{final.name}.tmp")
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        batch: list[pa.Table] = []
-        rows = 0
-        for part in parts:
-            table = conform(read_part(part), schema)  # the layer dictionary as strings; new columns as nulls
-            batch.append(table)
-            rows += table.num_rows
-            if rows >= COMPACT_ROWS:
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            batch: list[pa.Table] = []
+            rows = 0
+            for table in _readable(parts, kind, None, schema):  # the layer dictionary as strings; new columns as nulls
+                batch.append(table)
+                rows += table.num_rows
+                if rows >= COMPACT_ROWS:
+                    writer.write_table(pa.concat_tables(batch))
+                    batch, rows = [], 0
+            if batch:
                 writer.write_table(pa.concat_tables(batch))
-                batch, rows = [], 0
-        if batch:
-            writer.write_table(pa.concat_tables(batch))
-    os.replace(tmp, final)
+        durable_replace(tmp, final)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
 
 
 def final_rows(path: Path) -> int:
@@ -180,13 +213,45 @@ def _with_nulls(table: pa.Table, kind: str, columns: Sequence[str] | None) -> pa
     return pa.Table.from_arrays(arrays, names=names)
 
 
+def _selected(kind: str, columns: Sequence[str] | None) -> pa.Schema:
+    schema = PART_TABLES[kind]
+    return schema if columns is None else pa.schema([schema.field(c) for c in columns])
+
+
 def read_parts(parts: Sequence[Path], kind: str, columns: Sequence[str] | None = None) -> pa.Table:
     """The part files of ``kind`` as one Table, with the types :func:`read_final` gives."""
-    schema = PART_TABLES[kind]
-    selected = schema if columns is None else pa.schema([schema.field(c) for c in columns])
-    if not parts:
-        return selected.empty_table()
-    return pa.concat_tables(conform(read_part(p, columns), selected) for p in parts)
+    selected = _selected(kind, columns)
+    tables = list(_readable(parts, kind, columns, selected))
+    return pa.concat_tables(tables) if tables else selected.empty_table()
+
+
+_WARNED: set[Path] = set()  # unreadable parts already named on stderr by this process
+
+
+def _readable(parts: Sequence[Path], kind: str, columns: Sequence[str] | None,
+              schema: pa.Schema) -> Iterator[pa.Table]:
+    """Each part of ``kind`` that reads, conformed to ``schema``; an unreadable one (0 bytes, truncated,
+    garbage: a crash or a power cut) is skipped with one warning naming it and the steps it held."""
+    last_step: int | None = None
+    for path in parts:
+        try:
+            table = conform(read_part(path, columns), schema)
+        except (OSError, pa.ArrowException, ValueError, KeyError) as exc:
+            _warn_unreadable(path, kind, last_step, exc)
+            continue
+        if "step" in table.column_names and table.num_rows:
+            last_step = int(table.column("step").to_numpy().max())
+        yield table
+
+
+def _warn_unreadable(path: Path, kind: str, last_step: int | None, exc: Exception) -> None:
+    if path in _WARNED:
+        return
+    _WARNED.add(path)
+    held = f"the {kind} rows recorded after step {last_step}" if last_step is not None else f"its {kind} rows"
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    print(f"gradscope: warning: skipped the unreadable part file {path} ({reason}); the run lacks {held} "
+          "up to the next readable part", file=sys.stderr)
 
 
 def iter_batches(paths: Sequence[Path], kind: str, columns: Sequence[str] | None,
@@ -195,10 +260,8 @@ def iter_batches(paths: Sequence[Path], kind: str, columns: Sequence[str] | None
     cols = list(columns) if columns is not None else None
     for path in paths:
         if path.suffix == PART_SUFFIX:  # a part: one flush's rows, small
-            part = read_part(path, cols)
-            if cols is not None and len(part.column_names) < len(cols):  # an older part: added columns as nulls
-                part = _with_nulls(part, kind, cols)
-            yield from part.to_batches(max_chunksize=batch_size)
+            for part in _readable([path], kind, cols, _selected(kind, cols)):
+                yield from part.to_batches(max_chunksize=batch_size)
             continue
         # pre_buffer=False: pyarrow would otherwise load every requested column of the file up front.
         handle = pq.ParquetFile(path, read_dictionary=_dict_cols(kind, cols), pre_buffer=False)
