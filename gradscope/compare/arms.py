@@ -264,13 +264,6 @@ def make_out_dir(plan: Plan) -> Path:
     raise GradscopeError(f"cannot find a free directory name for {base}")
 
 
-def check_writable(plan: Plan) -> None:
-    """The arms write their runs next to the recorded one: refuse a runs directory nobody can write to."""
-    if not os.access(plan.root, os.W_OK | os.X_OK):
-        raise GradscopeError(f"the runs directory {plan.root} is not writable, and every arm writes its run there; "
-                             "use a writable --runs-dir (copy the run there)")
-
-
 def run_arms(plan: Plan, out_dir: Path, observer: ArmObserver) -> tuple[list[ArmOutcome], bool]:
     """Run every arm in order; after Ctrl-C the rest are marked ``not run``. Returns (outcomes, interrupted)."""
     to_run = [spec for spec in plan.arms if not spec.reuse]
@@ -311,7 +304,6 @@ def run_compare(plan: Plan, observer: ArmObserver) -> CompareResult:
     and reported, and the exit code is 130. The ``latest`` pointer is put back on the recorded run,
     so ``gradscope recommend`` and ``compare`` keep meaning the user's run, not the last arm.
     """
-    check_writable(plan)
     out_dir = make_out_dir(plan)
     with stop_signals():
         outcomes, interrupted = run_arms(plan, out_dir, observer)

@@ -168,7 +168,15 @@ def plan_compare(options: CompareOptions) -> Plan:
                 max_time=options.max_time, out_dir=options.out_dir, python=python, optimizers=optimizers,
                 auto_max_norm=auto, auto_clip_value=auto_value, notes=notes)
     plan.arms = _arm_specs(plan, reuse)
+    check_writable(plan.root)
     return plan
+
+
+def check_writable(root: Path) -> None:
+    """The arms write their runs next to the recorded one: refuse a runs directory nobody can write to."""
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise GradscopeError(f"the runs directory {root} is not writable, and every arm writes its run there; "
+                             "use a writable --runs-dir (copy the run there)")
 
 
 def _meta_of(run: store.Run, index: int) -> store.OptimizerMeta | None:
