@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -49,6 +50,13 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADSCOPE_")}
     env.update(extra or {})
     return env
+
+
+def interruptible() -> None:
+    """``preexec_fn`` for a child the test interrupts: SIGINT back to its default action, since a test run
+    started in the background by a non-interactive shell hands its children SIGINT ignored, and python
+    then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def assert_exit_ok(proc: subprocess.CompletedProcess[str]) -> None:

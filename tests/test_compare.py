@@ -15,13 +15,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import GRADSCOPE, SCRIPTS, assert_exit_ok, clean_env
+from conftest import GRADSCOPE, SCRIPTS, assert_exit_ok, clean_env, interruptible
 
 import gradscope
 from gradscope import compare, plots, store
@@ -429,7 +430,7 @@ def test_ctrl_c_stops_the_running_arm_and_keeps_what_finished(tmp_path: Path) ->
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "w") as err, open(tmp_path / "stdout.txt", "w") as out:
         proc = subprocess.Popen([*GRADSCOPE, "compare", "--runs-dir", str(runs), "--max-norm", "1", "--seeds", "2"],
-                                cwd=SCRIPTS, env=clean_env(), stdout=out, stderr=err)
+                                cwd=SCRIPTS, env=clean_env(), stdout=out, stderr=err, preexec_fn=interruptible)
     try:
         # Arms: clip seed 0 (fast), baseline seed 1 (0.2 s a step), clip seed 1. Interrupt the slow one
         # once it has written a part file, i.e. once there is something of it to keep.
@@ -526,11 +527,30 @@ def test_gan_arms_inject_each_optimizers_own_recommendation(tmp_path: Path) -> N
     assert "--max-norm 0.5/2.0" in text or "--max-norm 0.5/2" in text
 
 
+def _python_link(tmp_path: Path) -> Path:
+    """Another path to this interpreter. In a venv the link must sit in the venv's bin (python finds its
+    venv from pyvenv.cfg beside the path it was started by), so it goes there and is removed at the end."""
+    in_venv = sys.prefix != sys.base_prefix
+    link = (Path(sys.executable).parent if in_venv else tmp_path / "bin") / f"python-link-{os.getpid()}-{tmp_path.name}"
+    link.parent.mkdir(exist_ok=True)
+    link.symlink_to(sys.executable)
+    _LINKS.append(link)
+    return link
+
+
+_LINKS: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def _remove_python_links() -> Iterator[None]:
+    yield
+    while _LINKS:
+        _LINKS.pop().unlink(missing_ok=True)
+
+
 def test_arms_run_with_the_recorded_interpreter_and_dry_run_runs_nothing(tmp_path: Path) -> None:
     """Profiled through a symlink to python: the arms run with it; once it is gone, one line, exit 1."""
-    link = tmp_path / "bin" / "python-link"
-    link.parent.mkdir()
-    link.symlink_to(sys.executable)
+    link = _python_link(tmp_path)
     runs = tmp_path / "runs"
     assert_exit_ok(_run([str(link), "-m", "gradscope", "profile", "-q", "--runs-dir", str(runs), TOY, "--steps", "6"],
                         SCRIPTS))

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import interruptible
 
 import gradscope
 
@@ -231,7 +232,8 @@ def test_help_lists_every_option() -> None:
 def _start_long_run(tmp_path: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([*GRADSCOPE, "profile", "--runs-dir", str(tmp_path), "--flush-every", "5", "long_train.py"],
-                            cwd=SCRIPTS, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=SCRIPTS, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
 
 
 def _wait_for_parts(runs: Path, count: int, timeout: float = 90) -> Path:
