@@ -20,7 +20,7 @@ from gradscope import store
 from gradscope.compare import trust
 from gradscope.compare.metrics import Clip, optimizer_name, optimizers_of, step_frame
 from gradscope.errors import GradscopeError, NoDataError, UsageError
-from gradscope.record.config import Thresholds, parse_thresholds
+from gradscope.record.config import Thresholds, parse_clip_value, parse_thresholds
 
 AUTO = "auto"
 DEFAULT_SEEDS = 3  # the fewest paired seeds with which the verdict may claim an effect
@@ -121,12 +121,10 @@ def parse_clip_values(text: str) -> list[float | str]:
     values: list[float | str] = []
     for item in (part.strip() for part in text.split(",")):
         try:
-            value: float | str = AUTO if item.lower() == AUTO else float(item)
+            value: float | str = AUTO if item.lower() == AUTO else parse_clip_value(item)
         except ValueError:
-            value = math.nan
-        if value != AUTO and not (isinstance(value, float) and math.isfinite(value) and value > 0):
             raise UsageError(f"--clip-value takes 'auto' or positive numbers separated by commas (e.g. 0.1,1); "
-                             f"{item!r} is not a positive number")
+                             f"{item!r} is not a positive number") from None
         if value not in values:
             values.append(value)
     return values
