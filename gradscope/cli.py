@@ -341,6 +341,27 @@ def compare(
 
 
 MAX_SEEDS = 1000  # compare --seeds: more is a typo, not a plan
+NPROC_FLAGS = ("--nproc-per-node", "--nproc_per_node")
+
+
+def _torchrun_form(argv: list[str]) -> list[str]:
+    """``profile [options] --nproc-per-node N [torchrun's options] train.py ...`` as ``profile [options] -m
+    torch.distributed.run --nproc-per-node N ...``: torchrun's options start at --nproc-per-node, and torchrun's
+    own parser reads them (gradscope keeps no copy of them)."""
+    if not argv or argv[0] != "profile":
+        return argv
+    command = typer.main.get_command(app).commands["profile"]  # type: ignore[attr-defined]
+    takes_value = {name for param in command.params if not getattr(param, "is_flag", True)
+                   for name in getattr(param, "opts", ())}
+    i = 1
+    while i < len(argv):
+        token = argv[i]
+        if token.split("=", 1)[0] in NPROC_FLAGS:
+            return [*argv[:i], "-m", "torch.distributed.run", *argv[i:]]
+        if not token.startswith("-") or token in ("-m", "--module", "--"):
+            return argv  # the script (or module): no torchrun options before it
+        i += 2 if token in takes_value else 1
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     stdout_was_devnull = console.stdout_is_devnull()
     try:
+        argv = _torchrun_form(list(sys.argv[1:] if argv is None else argv))
         result = app(args=argv, prog_name="gradscope", standalone_mode=False)
     except GradscopeError as exc:
         return console.error_line(exc.message, exc.exit_code)

@@ -301,7 +301,7 @@ def test_layers_without_max_abs_read_it_as_null(tmp_path: Path, compact: bool) -
         _drop_max_abs(path)
     run = store.load_run(run_dir)
     assert run.layers["max_abs"].isna().all() and len(run.layers) == 24
-    assert run.read_table("layers").column_names == list(store.LAYERS_SCHEMA.names)
+    assert run.read_table("layers").column_names == [*store.LAYERS_SCHEMA.names, "rank"]
     table = run.read_table("layers", ["max_abs", "norm"])
     assert table.column_names == ["max_abs", "norm"] and table.column("max_abs").null_count == 24
     batches = list(run.iter_batches("layers", ["step", "max_abs"]))

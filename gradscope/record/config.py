@@ -8,7 +8,9 @@ from __future__ import annotations
 import math
 import os
 import sys
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 #: Steps per part file; a killed run keeps everything up to its last part.
 DEFAULT_FLUSH_EVERY = 100
@@ -135,6 +137,22 @@ class RecorderConfig:
     def injecting(self) -> bool:
         """True when gradscope clips before every step (``--max-norm`` or ``--clip-value``)."""
         return self.inject_max_norm is not None or self.inject_clip_value is not None
+
+    def to_json(self) -> dict[str, Any]:
+        """This config as JSON (what a distributed job hands its ranks through the environment)."""
+        data = dataclasses.asdict(self)
+        if self.inject_max_norm is not None:
+            data["inject_max_norm"] = {"values": list(self.inject_max_norm.values),
+                                       "for_all": self.inject_max_norm.for_all}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RecorderConfig:
+        """The config :meth:`to_json` wrote."""
+        norms = data.get("inject_max_norm")
+        thresholds = Thresholds(tuple(norms["values"]), bool(norms["for_all"])) if norms else None
+        known = {f.name for f in dataclasses.fields(cls)} - {"inject_max_norm"}
+        return cls(inject_max_norm=thresholds, **{k: v for k, v in data.items() if k in known})
 
 
 @dataclass

@@ -17,14 +17,15 @@ import hashlib
 import os
 import shlex
 import signal
+import socket
 import sys
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from gradscope import store
+from gradscope import __version__, store
 from gradscope.errors import EXIT_OK
-from gradscope.record import runner
+from gradscope.record import job, launch, runner
 from gradscope.record.config import ProfileOptions
 
 
@@ -61,16 +62,10 @@ def launcher(argv0: str) -> str | None:
 
 def run_profile(options: ProfileOptions) -> int:
     """Profile one run of the target; returns the exit code ``python`` would have given."""
+    if launch.is_torchrun(options):
+        return launch.run_job(options, lambda message: _say(options, message))
     target = runner.prepare(options.target, options.args, options.as_module)
-    root = store.runs_root(options.runs_dir)
-    label = options.label or Path(options.target).stem.replace(".", "_")
-    run_dir = store.create_run_dir(root, label)
-
-    from gradscope.record.recorder import Recorder  # torch is imported here, after validation
-
-    # latest moves to this run at its first written step (an empty run, e.g. `train.py --help`, never takes it)
-    recorder = Recorder(run_dir, label=label, config=options.recording, provenance=_provenance(options, target),
-                        latest_root=root)
+    recorder, run_dir = _open(options, target)
     recorder.start()
     os.environ["GRADSCOPE_PROFILING"] = "1"  # lets a script skip expensive evaluation while profiled
     _say(options, f"recording {options.target} to {_shown(run_dir)}")
@@ -93,6 +88,42 @@ def run_profile(options: ProfileOptions) -> int:
     if isinstance(outcome.exception, KeyboardInterrupt):
         _die_by(signal.SIGINT)  # python itself dies by SIGINT on an uncaught KeyboardInterrupt
     return outcome.exit_code
+
+
+def _open(options: ProfileOptions, target: runner.Target) -> tuple[Any, Path]:
+    """The recorder for this process and the run directory it records into.
+
+    A torchrun worker records as one rank of its job: into the run named by ``GRADSCOPE_JOB`` (a
+    ``gradscope profile --nproc-per-node`` launcher made it), else into the run its ranks claim together.
+    """
+    root = store.runs_root(options.runs_dir)
+    label = options.label or Path(options.target).stem.replace(".", "_")
+    provenance = _provenance(options, target)
+
+    from gradscope.record.recorder import Recorder  # torch is imported here, after validation
+
+    if job.is_torchrun_worker():
+        given = job.JobEnv.from_environ()
+        if given is not None:
+            return Recorder(job_dir=given.run_dir, label=label, config=options.recording), given.run_dir
+        rank0 = os.environ.get("RANK") == "0"
+        options.quiet = options.quiet or not rank0  # one rank speaks for the job
+        run_dir, _ = store.claim_job_dir(root, label, job.job_key(), lambda d: _write_job_meta(d, label, provenance))
+        return Recorder(job_dir=run_dir, label=label, config=options.recording,
+                        latest_root=root if rank0 else None), run_dir
+    run_dir = store.create_run_dir(root, label)
+    # latest moves to this run at its first written step (an empty run, e.g. `train.py --help`, never takes it)
+    return Recorder(run_dir, label=label, config=options.recording, provenance=provenance, latest_root=root), run_dir
+
+
+def _write_job_meta(run_dir: Path, label: str, provenance: store.Provenance) -> None:
+    """meta.json of a job its torchrun ranks claimed: what ran and how torchrun started it (from its environment)."""
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", "")
+    (run_dir / store.PARTS_DIR).rmdir()  # a job's data lives in its ranks' sub-runs
+    store.write_meta(run_dir, store.RunMeta(
+        status="running", gradscope_version=__version__, run_id=run_dir.name, label=label, provenance=provenance,
+        launch=store.Launch("torchrun", int(per_node) if per_node.isdigit() else None, ()),
+        world_size=int(os.environ.get("WORLD_SIZE", "0")) or None, host=socket.gethostname()))
 
 
 def _die_by(signum: signal.Signals) -> None:

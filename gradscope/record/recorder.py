@@ -44,6 +44,7 @@ from gradscope.record.events import StepEvents
 from gradscope.record.guard import Guard
 from gradscope.record.hooks import Hooks
 from gradscope.record.inject import Injector
+from gradscope.record.job import RankIdentity, current_identity, describe
 from gradscope.record.layouts import LayoutRegistry
 from gradscope.record.loss import LossWindow
 from gradscope.record.manual import ManualTracker
@@ -81,15 +82,21 @@ class Recorder:
         provenance: what ran, for meta.json (``gradscope profile`` gives it; None from the Python API).
         latest_root: the runs root whose ``latest`` link moves to this run once it has written a step
             (``gradscope profile`` gives it; a new run directory made here sets it to its runs root).
+        job_dir: record as one rank of the distributed job in this run directory: the rank's sub-run
+            (``run_dir``) is made only once the process records a step, so a process that never steps
+            an optimizer (a DataLoader worker) writes nothing; ``latest`` then moves to the job.
     """
 
     _active: Recorder | None = None
 
     def __init__(self, run_dir: str | os.PathLike[str] | None = None, *, runs_dir: str | os.PathLike[str] | None = None,
                  label: str = "python", config: RecorderConfig | None = None, provenance: store.Provenance | None = None,
-                 latest_root: Path | None = None) -> None:
+                 latest_root: Path | None = None, job_dir: str | os.PathLike[str] | None = None) -> None:
         self.config = config or RecorderConfig()
         self.run_dir: Path | None = Path(run_dir) if run_dir is not None else None
+        # A rank of a distributed job: its sub-run ranks/rank-R is made when it records its first step.
+        self._job_dir = Path(job_dir) if job_dir is not None else None
+        self._identity: RankIdentity | None = None
         self._label = label
         self._runs_dir = runs_dir
         self._provenance = provenance
@@ -129,13 +136,14 @@ class Recorder:
         if Recorder._active is not None:
             raise RuntimeError("a gradscope Recorder is already active in this process")
         self._assemble()
-        if self.run_dir is None:
-            root = store.runs_root(self._runs_dir)
-            self.run_dir = store.create_run_dir(root, self._label)
-            self._latest_root = root
-        self._writer = store.RunWriter(self.run_dir)
         self._start_time = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self._write_meta(status="running")
+        if self._job_dir is None:
+            if self.run_dir is None:
+                root = store.runs_root(self._runs_dir)
+                self.run_dir = store.create_run_dir(root, self._label)
+                self._latest_root = root
+            self._writer = store.RunWriter(self.run_dir)
+            self._write_meta(status="running")
         Recorder._active = self
         originals = self._hooks.install()
         self._injector.original_norm, self._injector.original_value = originals.clip_grad_norm, originals.clip_grad_value
@@ -163,6 +171,8 @@ class Recorder:
             self._manual.commit()
         except StopRun:
             pass  # the loop's last update reached --max-steps: the run is ending anyway
+        if not self._open_rank_guarded():
+            return  # a rank that recorded nothing leaves nothing behind
         self._finish_files()
         end_time = datetime.now(timezone.utc).isoformat(timespec="seconds")
         try:
@@ -195,12 +205,12 @@ class Recorder:
             self._guard.warn("lost", f"{reason}; the run is marked incomplete and the script goes on as it would")
 
     def _point_latest(self) -> None:
-        """Move ``latest`` to this run, once, when it has written at least one step."""
+        """Move ``latest`` to this run (a rank: to its job), once, when it has written at least one step."""
         if self._latest_root is None or self._commits == 0 or self.run_dir is None:
             return
         root, self._latest_root = self._latest_root, None
         try:
-            store.point_latest(root, self.run_dir)
+            store.point_latest(root, self._job_dir or self.run_dir)
         except store.GradscopeError as exc:
             self._guard.warn("latest", exc.message)
 
@@ -266,6 +276,8 @@ class Recorder:
         slot.steps += 1
         row.time_s = time.perf_counter() - self._t0
         pending = self._buffer.add(row)
+        if self._commits == 0 and self._job_dir is not None:
+            self._identity = current_identity()  # while the process group exists: the script may destroy it
         self._commits += 1
         self._loss.closed = True  # LossWindow.close(), inlined: every step
         if pending >= cfg.flush_every:
@@ -291,8 +303,29 @@ class Recorder:
         except Exception as exc:
             self._lost(f"could not write recorded steps ({_reason(exc)})")
 
+    def _open_rank_guarded(self) -> bool:
+        """:meth:`_open_rank` at the end of a run: a failure is recorded, never raised."""
+        try:
+            return self._open_rank()
+        except Exception as exc:
+            self._lost(f"could not create this rank's run directory ({_reason(exc)})")
+            return False
+
+    def _open_rank(self) -> bool:
+        """A rank's sub-run, made at its first write; False while there is nothing to write (or never will be)."""
+        if self._writer is not None:
+            return True
+        if self._job_dir is None or self._commits == 0:
+            return False
+        identity = self._identity or current_identity()
+        self._identity = identity
+        self.run_dir = store.create_rank_dir(self._job_dir, store.rank_dir_name(identity.rank, self._pid))
+        self._writer = store.RunWriter(self.run_dir)
+        self._write_meta(status="running")
+        return True
+
     def _flush(self) -> None:
-        if os.getpid() != self._pid or self._writer is None:
+        if os.getpid() != self._pid or not self._open_rank():
             return  # forked child: the parent owns the run
         self._last_flush = time.perf_counter()
         for kind, columns in encode(self._buffer.take()):  # the flush's one device-to-host copy
@@ -316,7 +349,7 @@ class Recorder:
             optimizers=self._layouts.describe(),
             flush_every=self.config.flush_every, start_time=self._start_time, end_time=end_time,
             exit_code=exit_code, error=error, n_steps=self._commits, host=socket.gethostname(), pid=self._pid,
-            incomplete=self._incomplete)
+            incomplete=self._incomplete, **(describe(self._identity) if self._identity is not None else {}))
         store.write_meta(self.run_dir, meta)
 
 

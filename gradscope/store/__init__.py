@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -30,11 +29,13 @@ from typing import Any
 import pyarrow as pa
 
 from gradscope.errors import GradscopeError, RunFormatError, RunNotFoundError
-from gradscope.store import tables
+from gradscope.store import combine, tables
+from gradscope.store.job import RankRun, job_meta, job_status, live_status, load_ranks, read_job_table, read_meta
 from gradscope.store.meta import (
     FORMAT_NAME,
     SCHEMA_VERSION,
     Clipping,
+    Launch,
     MetaFieldError,
     OptimizerMeta,
     Provenance,
@@ -48,9 +49,13 @@ from gradscope.store.runs import (
     PARTS_DIR,
     RUNS_DIR_ENV,
     atomic_write_text,
+    claim_job_dir,
+    create_rank_dir,
     create_run_dir,
+    list_rank_dirs,
     list_runs,
     point_latest,
+    rank_dir_name,
     resolve_run,
     runs_root,
 )
@@ -125,37 +130,6 @@ class RunWriter:
 # --------------------------------------------------------------------------------------------------
 
 
-def read_meta(run_dir: Path) -> RunMeta:
-    """Read and check meta.json.
-
-    Raises:
-        RunFormatError: not JSON, not a gradscope run, written by a newer schema, or a field is
-            missing or has the wrong type.
-    """
-    path = run_dir / META_NAME
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunFormatError(f"{path} is not a gradscope run file: {exc}") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-        raise RunFormatError(f"{path} is not a gradscope run file (no \"format\": \"{FORMAT_NAME}\")")
-    check_version(path, data.get("schema_version"), str(data.get("gradscope_version", "unknown")))
-    try:
-        return RunMeta.from_json(data)
-    except MetaFieldError as exc:
-        raise RunFormatError(f"{run_dir} is not a gradscope run: {exc}") from None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @dataclass
 class Run:
     """A recorded run, as the reporters see it. Build one with :func:`load_run`.
@@ -170,6 +144,9 @@ class Run:
     meta: RunMeta
     compacted: bool
     parts: dict[str, list[Path]] = field(default_factory=dict, repr=False)  # kind -> part files, when not compacted
+    #: A distributed job's ranks (empty for a single process): ``meta`` is then the job seen as one run.
+    ranks: tuple[RankRun, ...] = ()
+    job: RunMeta | None = field(default=None, repr=False)  # a job's own meta.json, as written
 
     @property
     def id(self) -> str:
@@ -183,12 +160,9 @@ class Run:
         ``killed`` is a run whose meta.json still says running but whose process is gone (kill -9,
         OOM, power loss): its data ends at the last flush.
         """
-        if self.meta.status != "running":
-            return self.meta.status
-        pid = self.meta.pid
-        if self.meta.host == socket.gethostname() and pid is not None and _pid_alive(pid):
-            return "running"
-        return "killed"
+        if self.ranks and self.job is not None:
+            return job_status(self.job, self.ranks)
+        return live_status(self.meta)
 
     @property
     def incomplete(self) -> str | None:
@@ -200,25 +174,43 @@ class Run:
         """True when the run finished (even by an exception in the script) and was compacted."""
         return self.compacted and self.status in ("complete", "failed", "interrupted")
 
+    @property
+    def world_size(self) -> int:
+        """How many ranks recorded (1 for a single process)."""
+        return max(len(self.ranks), 1)
+
     def _files(self, kind: str) -> list[Path]:
         return [self.path / f"{kind}.parquet"] if self.compacted else self.parts.get(kind, [])
 
     def read_table(self, kind: str, columns: Sequence[str] | None = None) -> pa.Table:
-        """Read ``steps`` or ``layers`` as a pyarrow Table (only ``columns`` when given)."""
+        """Read ``steps`` or ``layers`` as a pyarrow Table (only ``columns`` when given).
+
+        The table has a ``rank`` column (0 for a single process); a job's rows are every rank's, with
+        sharded norms combined across ranks (see :mod:`gradscope.store.combine`).
+        """
+        if self.ranks:
+            return read_job_table(self.ranks, kind, columns)
+        wanted = None if columns is None else [c for c in columns if c != "rank"]
         if self.compacted:
-            return tables.read_final(self.path / f"{kind}.parquet", kind, columns)
-        return tables.read_parts(self._files(kind), kind, columns)
+            table = tables.read_final(self.path / f"{kind}.parquet", kind, wanted)
+        else:
+            table = tables.read_parts(self._files(kind), kind, wanted)
+        table = combine.with_rank(table, 0) if columns is None or "rank" in columns else table
+        return table if columns is None else table.select(list(columns))
 
     def iter_batches(self, kind: str, columns: Sequence[str] | None = None,
                      batch_size: int = 1 << 20) -> Iterator[pa.RecordBatch]:
-        """Stream ``steps`` or ``layers`` in record batches, for runs too large to hold whole."""
+        """Stream ``steps`` or ``layers`` in record batches, for runs too large to hold whole (no ``rank``
+        column; a job's batches come rank after rank, as :meth:`read_table` gives them)."""
+        if self.ranks:
+            return read_job_table(self.ranks, kind, columns).to_batches(max_chunksize=batch_size)
         return tables.iter_batches(self._files(kind), kind, columns, batch_size)
 
     @cached_property
     def steps(self) -> Any:
         """``steps`` as a pandas DataFrame, sorted by optimizer and step."""
         frame = self.read_table("steps").to_pandas()
-        return frame.sort_values(["optimizer", "step"], kind="stable").reset_index(drop=True)
+        return frame.sort_values(["optimizer", "step", "rank"], kind="stable").reset_index(drop=True)
 
     @cached_property
     def layers(self) -> Any:
@@ -249,6 +241,10 @@ def load_run(ref: str | os.PathLike[str] | None = None, runs_dir: str | os.PathL
     """
     path = resolve_run(ref, runs_dir)
     meta = read_meta(path)
+    ranks = load_ranks(path)
+    if ranks:  # a distributed job: the launcher's own files (no steps) are not read
+        return Run(path=path, meta=job_meta(meta, ranks), compacted=all(r.compacted for r in ranks),
+                   ranks=ranks, job=meta)
     compacted = all((path / f"{kind}.parquet").is_file() for kind in TABLES)
     parts = {} if compacted else {kind: tables.list_parts(path / PARTS_DIR, kind) for kind in TABLES}
     return Run(path=path, meta=meta, compacted=compacted, parts=parts)
@@ -266,22 +262,25 @@ class StepCounter:
         self._rows: dict[Path, int] = {}
 
     def count(self) -> int:
-        """Rows written so far, over all optimizers: the whole table once the run is compacted.
+        """Rows written so far, over all optimizers (and all ranks of a distributed job): the whole table
+        once the run is compacted.
 
         Raises:
             RunFormatError: a file cannot be read even after looking again (not a gradscope file).
         """
-        final = self.run_dir / "steps.parquet"
+        return sum(self._count_dir(d) for d in (self.run_dir, *list_rank_dirs(self.run_dir)))
+
+    def _count_dir(self, run_dir: Path) -> int:
+        final = run_dir / "steps.parquet"
         for _ in range(2):  # compaction may delete a part between listing and reading it: look again
             try:
                 if final.is_file():
                     return tables.final_rows(final)
-                parts = tables.list_parts(self.run_dir / PARTS_DIR, "steps")
+                parts = tables.list_parts(run_dir / PARTS_DIR, "steps")
                 return sum(self._part_rows(part) for part in parts)
             except (OSError, pa.ArrowInvalid):
                 continue
-        raise RunFormatError(f"cannot count the steps of {self.run_dir}: its step files are not readable")
-
+        raise RunFormatError(f"cannot count the steps of {run_dir}: its step files are not readable")
 
     def _part_rows(self, part: Path) -> int:
         if part not in self._rows:
@@ -301,7 +300,8 @@ def count_steps(run_dir: Path) -> int:
 
 __all__ = [
     "LAYERS_SCHEMA", "SCHEMA_VERSION", "STEPS_SCHEMA", "TABLES", "Clipping", "GradscopeError", "OptimizerMeta",
-    "Provenance", "Run", "RunMeta", "RunWriter", "StepCounter", "count_steps", "create_run_dir", "list_runs",
+    "Launch", "Provenance", "RankRun", "Run", "RunMeta", "RunWriter", "StepCounter", "claim_job_dir", "count_steps",
+    "create_rank_dir", "create_run_dir", "list_rank_dirs", "list_runs", "rank_dir_name",
     "load_run", "point_latest", "read_meta", "resolve_run", "runs_root", "write_meta",
     "DEFAULT_RUNS_DIR", "LATEST_NAME", "META_NAME", "PARTS_DIR", "RUNS_DIR_ENV", "RunNotFoundError",
 ]

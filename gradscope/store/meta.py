@@ -23,7 +23,8 @@ from gradscope.errors import RunFormatError
 #: Bump on any change to the tables' columns or to meta.json's keys, and say what changed here.
 #: Additive changes that every reader of the version reads (a key or column that may be absent) keep it.
 #: 1: first release; since then, optional: provenance executable/launcher, clipping's injected_max_norms,
-#: injected_clip_value, script_clip_value and injection, optimizers' n_evaluations, the layers' max_abs column, meta's incomplete.
+#: injected_clip_value, script_clip_value and injection, optimizers' n_evaluations, the layers' max_abs column, meta's incomplete,
+#: a distributed job's rank, local_rank, world_size and launch.
 SCHEMA_VERSION = 1
 FORMAT_NAME = "gradscope-run"
 #: What meta.json's ``status`` may say. A reader adds ``killed`` (see ``store.Run.status``).
@@ -211,6 +212,28 @@ class OptimizerMeta:
 
 
 @dataclass(frozen=True)
+class Launch:
+    """How a distributed job was started, so that ``compare`` can start its arms the same way."""
+
+    via: str  # "gradscope" (profile --nproc-per-node), "torchrun" (torchrun -m gradscope profile) or "script"
+    nproc_per_node: int | None = None
+    launcher_args: tuple[str, ...] = ()  # torchrun's options, without the script and its arguments
+
+    VIA = ("gradscope", "torchrun", "script")
+
+    @classmethod
+    def read(cls, fields: Fields) -> Launch:
+        """Read the ``launch`` object."""
+        take = fields.take
+        return cls(take("via", Kind(f"one of {', '.join(cls.VIA)}", lambda v: v in cls.VIA)),
+                   take("nproc_per_node", optional(INT), None), take("launcher_args", STRINGS, ()))
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``launch`` object of meta.json."""
+        return {"via": self.via, "nproc_per_node": self.nproc_per_node, "launcher_args": list(self.launcher_args)}
+
+
+@dataclass(frozen=True)
 class RunMeta:
     """Everything meta.json says about a run. Read it with :meth:`from_json`, write it with :meth:`to_json`."""
 
@@ -235,6 +258,10 @@ class RunMeta:
     n_steps: int | None = None  # rows recorded, over all optimizers
     host: str | None = None
     pid: int | None = None
+    rank: int | None = None  # a rank of a distributed job: its global rank (the rank's own meta.json)
+    local_rank: int | None = None
+    world_size: int | None = None
+    launch: Launch | None = None  # a distributed job's meta.json: how it was started
     format: str = FORMAT_NAME
     schema_version: int = SCHEMA_VERSION
     extra: Mapping[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as read
@@ -245,7 +272,10 @@ class RunMeta:
                "norm_type": NUMBER, "flush_every": optional(INT), "start_time": optional(STR),
                "end_time": optional(STR), "exit_code": optional(INT), "error": optional(STR),
                "n_steps": optional(INT), "host": optional(STR), "pid": optional(INT),
-               "incomplete": optional(STR)}
+               "incomplete": optional(STR), "rank": optional(INT), "local_rank": optional(INT),
+               "world_size": optional(INT)}
+    #: Keys written only when they say something (a single-process run reads back as gradscope 0.1.0 wrote it).
+    WHEN_SET = ("incomplete", "rank", "local_rank", "world_size")
 
     @classmethod
     def from_json(cls, data: Any) -> RunMeta:
@@ -257,7 +287,10 @@ class RunMeta:
         fields = Fields(data)
         values = {key: fields.take(key, kind, None) for key, kind in cls.SCALARS.items() if key in data}
         optimizers = fields.take("optimizers", list_of(ANY, "a list"), ())
-        known = {*cls.SCALARS, *Provenance.KEYS, "format", "schema_version", "status", "clipping", "optimizers"}
+        known = {*cls.SCALARS, *Provenance.KEYS, "format", "schema_version", "status", "clipping", "optimizers",
+                 "launch"}
+        launch = data.get("launch")
+        values["launch"] = None if launch is None else Launch.read(Fields(launch, "launch"))
         return cls(status=fields.take("status", STATUS), provenance=Provenance.read(fields),
                    clipping=Clipping.read(Fields(data.get("clipping", {}), "clipping")),
                    optimizers=tuple(OptimizerMeta.read(Fields(entry, f"optimizers[{k}]"))
@@ -271,13 +304,17 @@ class RunMeta:
         for key in ("gradscope_version", "torch_version", "python_version", "run_id", "label"):
             head[key] = getattr(self, key)
         tail = {key: _plain(getattr(self, key)) for key in self.SCALARS if key not in head}
-        if self.incomplete is None:
-            del tail["incomplete"]  # written only when there is something to say
+        for key in self.WHEN_SET:
+            if tail[key] is None:
+                del tail[key]
+        if self.launch is not None:
+            tail["launch"] = self.launch.to_json()
         tail["clipping"] = self.clipping.to_json()
         tail["optimizers"] = [o.to_json() for o in self.optimizers]
         tail["status"] = self.status
         order = ("seed", "seeds_seen", "norm_type", "clipping", "optimizers", "flush_every", "start_time",
-                 "end_time", "status", "exit_code", "error", "n_steps", "host", "pid", "incomplete")
+                 "end_time", "status", "exit_code", "error", "n_steps", "host", "pid", "incomplete", "rank",
+                 "local_rank", "world_size", "launch")
         provenance = self.provenance.to_json() if self.provenance is not None else {}
         return {**head, **provenance, **{key: tail[key] for key in order if key in tail}, **self.extra}
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from gradscope.errors import GradscopeError, RunFormatError, RunNotFoundError
@@ -19,6 +21,8 @@ DEFAULT_RUNS_DIR = ".gradscope"
 LATEST_NAME = "latest"
 META_NAME = "meta.json"
 PARTS_DIR = "parts"
+RANKS_DIR = "ranks"  # a distributed job's run directory: one sub-run per rank, ranks/rank-00000 ...
+JOBS_DIR = ".jobs"  # under the runs root: claim files by which the ranks of one torchrun job share a run
 
 
 # --------------------------------------------------------------------------------------------------
@@ -62,6 +66,56 @@ def create_run_dir(root: Path, label: str) -> Path:
     raise GradscopeError(f"cannot find a free run name for {base} in {root}")
 
 
+def rank_dir_name(rank: int | None, pid: int) -> str:
+    """A rank's directory name inside its job's ``ranks/``: ``rank-00003``, or ``pid-<pid>`` for a recorded
+    child process that belongs to no distributed group."""
+    return f"rank-{rank:05d}" if rank is not None else f"pid-{pid}"
+
+
+def create_rank_dir(run_dir: Path, name: str) -> Path:
+    """Make ``<run_dir>/ranks/<name>`` with its parts directory (a rank's sub-run); it may exist already
+    (a restarted rank of an elastic job appends parts to it)."""
+    path = run_dir / RANKS_DIR / name
+    (path / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def list_rank_dirs(run_dir: Path) -> list[Path]:
+    """The rank sub-runs of a job that have written meta.json, in name order (empty for a single process)."""
+    ranks = run_dir / RANKS_DIR
+    if not ranks.is_dir():
+        return []
+    return sorted(p for p in ranks.iterdir() if p.is_dir() and (p / META_NAME).is_file())
+
+
+def claim_job_dir(root: Path, label: str, key: str, create: Callable[[Path], None]) -> tuple[Path, bool]:
+    """The run directory of the job named by ``key``, shared by every rank that asks, without collectives.
+
+    The first rank to ask creates the run (and ``create`` writes its meta.json) and links a claim file
+    ``<root>/.jobs/<key>`` naming it: ``os.link`` fails if the claim exists, so exactly one rank wins and
+    the others read the winner's (the claim is complete before it is linked).
+
+    Returns:
+        The run directory, and whether this caller created it.
+    """
+    claims = root / JOBS_DIR
+    claims.mkdir(parents=True, exist_ok=True)
+    claim = claims / key
+    if not claim.exists():
+        run_dir = create_run_dir(root, label)
+        create(run_dir)
+        tmp = claims / f".{key}.{os.getpid()}.tmp"
+        tmp.write_text(run_dir.name + "\n", encoding="utf-8")
+        try:
+            os.link(tmp, claim)
+            return run_dir, True
+        except FileExistsError:  # another rank won between our look and our link: use its run
+            shutil.rmtree(run_dir, ignore_errors=True)
+        finally:
+            tables.remove_quietly(tmp)
+    return root / claim.read_text(encoding="utf-8").strip(), False
+
+
 def point_latest(root: Path, run_dir: Path) -> None:
     """Point ``<root>/latest`` at ``run_dir``: a relative symlink swapped in atomically.
 
@@ -86,7 +140,8 @@ def list_runs(root: Path) -> list[Path]:
     """Run directories under ``root``, oldest first (by their directory's modification time)."""
     if not root.is_dir():
         return []
-    runs = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and (p / META_NAME).is_file()]
+    runs = [p for p in root.iterdir()
+            if p.is_dir() and not p.is_symlink() and p.name != JOBS_DIR and (p / META_NAME).is_file()]
     return sorted(runs, key=lambda p: (p.stat().st_mtime, p.name))
 
 
