@@ -5,10 +5,10 @@ Torch-free: ``gradscope.cli`` and ``gradscope.compare`` import this module witho
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -30,17 +30,22 @@ import pyarrow as pa
 
 from gradscope.errors import GradscopeError, RunFormatError, RunNotFoundError
 from gradscope.store import combine, tables
-from gradscope.store.job import RankRun, job_meta, job_status, live_status, load_ranks, read_job_table, read_meta
+from gradscope.store.job import (
+    RankRun,
+    job_meta,
+    job_status,
+    live_status,
+    load_ranks,
+    read_job_table,
+    read_meta,
+)
 from gradscope.store.meta import (
-    FORMAT_NAME,
     SCHEMA_VERSION,
     Clipping,
     Launch,
-    MetaFieldError,
     OptimizerMeta,
     Provenance,
     RunMeta,
-    check_version,
 )
 from gradscope.store.runs import (
     DEFAULT_RUNS_DIR,
