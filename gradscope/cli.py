@@ -345,21 +345,23 @@ NPROC_FLAGS = ("--nproc-per-node", "--nproc_per_node")
 
 
 def _torchrun_form(argv: list[str]) -> list[str]:
-    """``profile [options] --nproc-per-node N [torchrun's options] train.py ...`` as ``profile [options] -m
-    torch.distributed.run --nproc-per-node N ...``: torchrun's options start at --nproc-per-node, and torchrun's
-    own parser reads them (gradscope keeps no copy of them)."""
-    if not argv or argv[0] != "profile":
+    """``profile [options] [torchrun's options with --nproc-per-node N] train.py ...`` as ``profile [options] -m
+    torch.distributed.run [torchrun's options] train.py ...``: torchrun's options start at the first option
+    gradscope does not have, when --nproc-per-node is among them, and torchrun's own parser reads them
+    (gradscope keeps no copy of them)."""
+    if not argv or argv[0] != "profile" or not any(a.split("=", 1)[0] in NPROC_FLAGS for a in argv):
         return argv
     command = typer.main.get_command(app).commands["profile"]  # type: ignore[attr-defined]
+    ours = {name for param in command.params for name in getattr(param, "opts", ())}
     takes_value = {name for param in command.params if not getattr(param, "is_flag", True)
                    for name in getattr(param, "opts", ())}
     i = 1
     while i < len(argv):
         token = argv[i]
-        if token.split("=", 1)[0] in NPROC_FLAGS:
-            return [*argv[:i], "-m", "torch.distributed.run", *argv[i:]]
         if not token.startswith("-") or token in ("-m", "--module", "--"):
-            return argv  # the script (or module): no torchrun options before it
+            return argv  # the script (or module) comes first: --nproc-per-node is the script's
+        if token.split("=", 1)[0] not in ours:
+            return [*argv[:i], "-m", "torch.distributed.run", *argv[i:]]
         i += 2 if token in takes_value else 1
     return argv
 
