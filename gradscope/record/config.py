@@ -16,6 +16,7 @@ from typing import Any
 DEFAULT_FLUSH_EVERY = 100
 #: torch's launcher (what ``torchrun`` runs): ``profile -m torch.distributed.run ...`` records a whole job.
 TORCHRUN_MODULE = "torch.distributed.run"
+NPROC_FLAGS = ("--nproc-per-node", "--nproc_per_node")
 #: Parts are also at least this many seconds apart (fewer, larger files on fast loops).
 DEFAULT_FLUSH_SECONDS = 2.0
 
@@ -200,3 +201,19 @@ class ProfileOptions:
         if self.launcher_args is not None:  # torchrun's own -m marks a module target; its options come first
             target = ["-m", TORCHRUN_MODULE, *self.launcher_args, *target]
         return [sys.executable, "-m", "gradscope", "profile", *flags, *target, *self.args]
+
+
+def torchrun_form(argv: list[str], takes_value: set[str]) -> list[str]:
+    """``profile [options] --nproc-per-node N [torchrun's options] train.py ...`` as ``profile [options] -m
+    torch.distributed.run --nproc-per-node N ...``: torchrun's options start at --nproc-per-node, and torchrun's
+    own parser reads them (gradscope keeps no copy of them). ``takes_value``: profile's options that take a value.
+    """
+    i = 1
+    while i < len(argv):
+        token = argv[i]
+        if token.split("=", 1)[0] in NPROC_FLAGS:
+            return [*argv[:i], "-m", TORCHRUN_MODULE, *argv[i:]]
+        if not token.startswith("-") or token in ("-m", "--module", "--"):
+            return argv  # the script (or module): no torchrun options before it
+        i += 2 if token in takes_value else 1
+    return argv

@@ -30,8 +30,6 @@ from gradscope.record import runner
 from gradscope.record.config import TORCHRUN_MODULE, ProfileOptions
 from gradscope.record.job import JOB_ENV, JobEnv
 
-NPROC_FLAGS = ("--nproc-per-node", "--nproc_per_node")
-
 
 def is_torchrun(options: ProfileOptions) -> bool:
     """True when the target is torch's launcher: ``-m torch.distributed.run`` or a ``torchrun`` script."""
