@@ -15,6 +15,8 @@ and optimizer goes through the same definitions, named once here:
 - **non-finite**: steps whose loss, or the pre-clip norm of an applied update, is inf or NaN
   (a step GradScaler skipped is routine loss scaling, not divergence);
 - **clipped**: fraction of steps whose clipping coefficient was below 1.
+- **a distributed job's step** is one row (:func:`one_row_per_step`): the lowest rank's norms, which
+  are the job's, and the loss averaged over the ranks (each rank's loss is its own batch's).
 
 :mod:`gradscope.compare.verdict` decides what the final losses say (a paired test over seeds).
 """
