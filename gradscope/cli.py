@@ -1,4 +1,4 @@
-"""The command line: ``gradscope profile | recommend | compare``.
+"""The command line: ``gradscope profile | recommend | compare | merge``.
 
 The only module that imports typer. Each command declares its options and makes one call into a
 module that knows nothing of the CLI. ``main`` is the one place where a :class:`GradscopeError`
@@ -17,7 +17,7 @@ import typer
 
 from gradscope import __version__, console
 from gradscope.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, GradscopeError, UsageError
-from gradscope.record.config import DEFAULT_FLUSH_EVERY
+from gradscope.record.config import DEFAULT_FLUSH_EVERY, torchrun_form
 
 try:  # the base of typer's (click's) own errors: typer vendors click in recent releases
     from typer import TyperException as CliError
@@ -340,30 +340,35 @@ def compare(
     raise typer.Exit(view.report(result, as_json=as_json))
 
 
+@app.command()
+def merge(
+    out: Annotated[Path, typer.Argument(help="The merged job's run directory; it must not exist.", show_default=False)],
+    runs: Annotated[list[str], typer.Argument(help="The job runs of the nodes: run ids or directories.")],
+    runs_dir: RunsDirOpt = None,
+    force: Annotated[bool, typer.Option(help="Merge runs that ran different scripts.")] = False,
+) -> None:
+    """Merge the job runs of several nodes into one job run OUT (each rank's sub-run hard-linked, or copied,
+    into OUT/ranks/); the inputs are left as they are. Exit codes: 0 merged, 1 an input is not a finished job,
+    two inputs hold the same rank, or they ran different scripts, 2 OUT exists."""
+    from gradscope import store
+
+    done = store.merge_jobs(out, [store.resolve_run(ref, runs_dir) for ref in runs], force)
+    print(f"gradscope: {done.summary()}", file=sys.stderr)
+
+
 MAX_SEEDS = 1000  # compare --seeds: more is a typo, not a plan
-NPROC_FLAGS = ("--nproc-per-node", "--nproc_per_node")
 
 
 def _torchrun_form(argv: list[str]) -> list[str]:
-    """``profile [options] [torchrun's options with --nproc-per-node N] train.py ...`` as ``profile [options] -m
-    torch.distributed.run [torchrun's options] train.py ...``: torchrun's options start at the first option
-    gradscope does not have, when --nproc-per-node is among them, and torchrun's own parser reads them
-    (gradscope keeps no copy of them)."""
-    if not argv or argv[0] != "profile" or not any(a.split("=", 1)[0] in NPROC_FLAGS for a in argv):
+    """``profile [options] [torchrun's options] train.py ...`` as ``profile [options] -m torch.distributed.run
+    ...`` (see :func:`gradscope.record.config.torchrun_form`)."""
+    if not argv or argv[0] != "profile":
         return argv
     command = typer.main.get_command(app).commands["profile"]  # type: ignore[attr-defined]
     ours = {name for param in command.params for name in getattr(param, "opts", ())}
     takes_value = {name for param in command.params if not getattr(param, "is_flag", True)
                    for name in getattr(param, "opts", ())}
-    i = 1
-    while i < len(argv):
-        token = argv[i]
-        if not token.startswith("-") or token in ("-m", "--module", "--"):
-            return argv  # the script (or module) comes first: --nproc-per-node is the script's
-        if token.split("=", 1)[0] not in ours:
-            return [*argv[:i], "-m", "torch.distributed.run", *argv[i:]]
-        i += 2 if token in takes_value else 1
-    return argv
+    return torchrun_form(argv, ours, takes_value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from gradscope.compare.metrics import Comparison, SeedRun, compare_arms
 from gradscope.compare.plan import ArmSpec, Plan
 from gradscope.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, GradscopeError
 from gradscope.record.config import ProfileOptions, RecorderConfig
+from gradscope.record.job import JOB_ENV
 
 POLL_SECONDS = 0.5  # how often the running arm's step count is read
 ARM_FLUSH_EVERY = 20  # arms write a part every 20 steps (and >= 2 s apart) so progress moves
@@ -122,21 +123,24 @@ class ArmObserver(Protocol):
 
 
 def arm_argv(plan: Plan, spec: ArmSpec) -> list[str]:
-    """The ``PYTHON -m gradscope profile ...`` command line of one arm (PYTHON: ``plan.python``)."""
+    """The ``PYTHON -m gradscope profile ...`` command line of one arm (PYTHON: ``plan.python``); a
+    distributed job's arm is ``... profile FLAGS -m torch.distributed.run TORCHRUN_OPTIONS script ARGS``,
+    one job started as the recorded one was (torch's launcher reads PYTHON's own torch)."""
     prov = plan.provenance
     recording = RecorderConfig(flush_every=ARM_FLUSH_EVERY, inject_max_norm=spec.clip.max_norm,
                                inject_clip_value=spec.clip.clip_value, disable_script_clip=True, seed=spec.seed,
                                max_steps=plan.step_cap or None, max_time=plan.max_time)
     options = ProfileOptions(target=prov.target, args=list(prov.script_args),
                              as_module=prov.as_module, runs_dir=plan.root, label=spec.label,
-                             quiet=True, recording=recording)
+                             quiet=True, recording=recording, launcher_args=plan.launcher_args)
     return [plan.python, *options.command()[1:]]  # command() names this interpreter; the arm runs plan.python
 
 
 def arm_env() -> dict[str, str]:
-    """The environment every arm gets: compare's own, minus ``GRADSCOPE_PROFILING``."""
+    """The environment every arm gets: compare's own, minus ``GRADSCOPE_PROFILING`` and ``GRADSCOPE_JOB``."""
     env = dict(os.environ)
     env.pop("GRADSCOPE_PROFILING", None)  # set only inside a profiled script; the arm sets its own
+    env.pop(JOB_ENV, None)  # an arm is a run of its own, never a rank of a job compare itself runs in
     return env
 
 
@@ -165,11 +169,12 @@ class _StepWatcher:
             return False  # meta.json not written yet, or another tool's directory
 
     def poll(self) -> int:
-        """Steps written so far (the last count when the files cannot be read right now)."""
-        self.find()
-        if self._counter is not None:
+        """Steps written so far (the last count when the files cannot be read right now); a job's rows over
+        its ranks that have started, so that each rank's own steps are counted once."""
+        run_dir = self.find()
+        if self._counter is not None and run_dir is not None:
             try:
-                self.steps = self._counter.count()
+                self.steps = self._counter.count() // max(1, len(store.list_rank_dirs(run_dir)))
             except GradscopeError:
                 pass  # progress is a display: keep the last count, read again next poll
         return self.steps

@@ -15,6 +15,8 @@ and optimizer goes through the same definitions, named once here:
 - **non-finite**: steps whose loss, or the pre-clip norm of an applied update, is inf or NaN
   (a step GradScaler skipped is routine loss scaling, not divergence);
 - **clipped**: fraction of steps whose clipping coefficient was below 1.
+- **a distributed job's step** is one row (:func:`one_row_per_step`): the lowest rank's norms, which
+  are the job's, and the loss averaged over the ranks (each rank's loss is its own batch's).
 
 :mod:`gradscope.compare.verdict` decides what the final losses say (a paired test over seeds).
 """
@@ -257,6 +259,22 @@ def optimizers_of(run: Run) -> list[int]:
     return found or [o.index for o in run.meta.optimizers]
 
 
+def one_row_per_step(steps: pd.DataFrame) -> pd.DataFrame:
+    """A distributed job's steps as one row per (optimizer, step): the lowest rank's row, whose norms are
+    the job's (DDP's ranks step on the same averaged gradients; sharded norms are combined by the store),
+    with ``loss`` the mean over the ranks that recorded that step (each rank sees its own batch). A rank's
+    NaN loss makes the mean NaN, as one rank's divergence is the job's. One process: ``steps`` unchanged.
+    """
+    if "rank" not in steps or steps["rank"].nunique() <= 1:
+        return steps
+    keys = [steps["optimizer"], steps["step"]]
+    losses = steps["loss"].astype(float)
+    mean = losses.groupby(keys).mean().where(~losses.isna().groupby(keys).any())
+    lead = steps[steps["rank"] == steps["rank"].min()].reset_index(drop=True)
+    index = pd.MultiIndex.from_frame(lead[["optimizer", "step"]])
+    return lead.assign(loss=mean.reindex(index).to_numpy())
+
+
 def step_frame(run: Run, step_cap: int | None = None, optimizer: int | None = None) -> pd.DataFrame:
     """One optimizer's steps (``step``, ``loss``, ``grad_norm``, ``clip_coef``, ``time_s``...); the first by default.
 
@@ -264,7 +282,7 @@ def step_frame(run: Run, step_cap: int | None = None, optimizer: int | None = No
     ``--max-steps`` counts) would have recorded: its first N steps, and the other optimizers' steps
     made before the N-th one ended.
     """
-    steps = run.steps
+    steps = one_row_per_step(run.steps)
     first = int(steps["optimizer"].min()) if len(steps) else 0
     chosen = first if optimizer is None else optimizer
     frame = steps[steps["optimizer"] == chosen] if len(steps) else steps

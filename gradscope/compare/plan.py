@@ -71,6 +71,7 @@ class Plan:
     out_dir: Path | None
     python: str  # the interpreter every arm runs with
     optimizers: dict[int, str] = field(default_factory=dict)  # index -> "optimizer 1 (Adam, G.*)"
+    launcher_args: tuple[str, ...] | None = None  # torchrun's options for a distributed job; None: one process
     auto_max_norm: Thresholds | None = None
     auto_clip_value: float | None = None
     arms: list[ArmSpec] = field(default_factory=list)
@@ -149,6 +150,7 @@ def plan_compare(options: CompareOptions) -> Plan:
     notes: list[str] = []
     provenance = _provenance(run)
     python = trust.interpreter(run, provenance, options.python, options.trust_run, notes)
+    launcher_args = relaunch_args(run, notes)
     trust.check_command(run, provenance, options.trust_run, notes)
     script_changed = trust.check_script(run, provenance, options.trust_run, notes)
     n_steps = len(step_frame(run))
@@ -164,10 +166,37 @@ def plan_compare(options: CompareOptions) -> Plan:
     reuse = _can_reuse_baseline(run, options, cap, n_steps, script_changed, notes)
     plan = Plan(run=run, provenance=provenance, root=run.path.parent, clips=clips, seeds=seeds, step_cap=cap,
                 max_time=options.max_time, out_dir=options.out_dir, python=python, optimizers=optimizers,
-                auto_max_norm=auto, auto_clip_value=auto_value, notes=notes)
+                auto_max_norm=auto, auto_clip_value=auto_value, notes=notes, launcher_args=launcher_args)
     plan.arms = _arm_specs(plan, reuse)
     check_writable(plan.root)
     return plan
+
+
+def relaunch_args(run: store.Run, notes: list[str]) -> tuple[str, ...] | None:
+    """torchrun's options that start each arm of a distributed job as the job was started; None for a
+    single process (or a script that starts its own ranks, ``mp.spawn``: rerunning it starts them again).
+
+    Raises:
+        GradscopeError: the job ran across several nodes (the arms run on this machine only), or how many
+            processes it ran is not recorded.
+    """
+    launch = run.meta.launch
+    if not run.ranks or launch is None or launch.via == "script":
+        return None
+    per_node = launch.nproc_per_node
+    # The ranks' own WORLD_SIZE counts the ranks of other nodes too, when only this node's were recorded.
+    world = max([run.meta.world_size or 0, run.world_size, *(r.meta.world_size or 0 for r in run.ranks)])
+    if launch.via == "torchrun" and per_node is None:
+        per_node = world  # LOCAL_WORLD_SIZE was not set: one node is all compare can rerun anyway
+    if per_node is not None and world > per_node:
+        raise GradscopeError(f"run {run.id} is a job of {world} ranks across nodes ({per_node} per node); compare "
+                             "reruns its arms on this machine only: record a one-node job of the script to compare")
+    if launch.via == "gradscope":
+        return tuple(launch.launcher_args)
+    notes.append(f"run {run.id} was started by torchrun itself, which records only its process count: the arms "
+                 f"run torchrun --nproc-per-node {per_node} --standalone (its other options, such as "
+                 "--master-port or --rdzv-*, were not recorded)")
+    return ("--nproc-per-node", str(per_node), "--standalone")
 
 
 def check_writable(root: Path) -> None:
@@ -309,6 +338,7 @@ def describe(plan: Plan) -> dict[str, Any]:
     """What the plan will do, for the JSON report and the first lines on screen."""
     return {"run": plan.run.id, "run_path": str(plan.run.path), "script": plan.provenance.script_path,
             "cwd": str(plan.cwd), "target": plan.target, "python": plan.python,
+            "launcher_args": None if plan.launcher_args is None else list(plan.launcher_args),
             "optimizers": [{"index": k, "name": name} for k, name in plan.optimizers.items()],
             "arms_planned": [c.title for c in plan.clips],
             "auto_max_norm": per_optimizer(plan, plan.auto_max_norm), "auto_clip_value": plan.auto_clip_value,

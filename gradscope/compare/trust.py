@@ -82,7 +82,11 @@ def check_command(run: store.Run, prov: store.Provenance, trust: bool, notes: li
     Raises:
         GradscopeError: it differs (or the working directory would shadow gradscope) and ``trust`` is False.
     """
-    expected = ("gradscope", "profile", *(["-m"] if prov.as_module else []), prov.target, *prov.script_args)
+    launch = run.meta.launch
+    # A job started by `gradscope profile --nproc-per-node` records torchrun's options before the script.
+    options = launch.launcher_args if run.ranks and launch is not None and launch.via == "gradscope" else ()
+    expected = ("gradscope", "profile", *options, *(["-m"] if prov.as_module else []), prov.target,
+                *prov.script_args)
     problems = []
     if tuple(prov.command) != expected or tuple(prov.argv[1:]) != tuple(prov.script_args):
         problems.append(f"its recorded command ({' '.join(prov.command)}) is not its target and arguments")

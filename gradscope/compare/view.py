@@ -104,7 +104,10 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
     for name in plan.optimizers.values():
         _say(console, f"gradscope:   {name}")
     _say(console, f"gradscope: every arm runs in {plan.cwd} with {plan.python}, with this environment "
-                  "(GRADSCOPE_PROFILING removed)")
+                  "(GRADSCOPE_PROFILING and GRADSCOPE_JOB removed)")
+    if plan.launcher_args is not None:
+        _say(console, f"gradscope: run {plan.run.id} is a distributed job: every arm is a job started by torchrun "
+                      f"{shell_line(list(plan.launcher_args))}, its ranks recorded in one run")
     _say(console, f"gradscope: warning: the arms run your script again in {plan.cwd}: whatever it writes there "
                   "(checkpoints, logs, outputs) is written again, once per arm")
     for spec in runs:

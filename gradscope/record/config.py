@@ -14,6 +14,9 @@ from typing import Any
 
 #: Steps per part file; a killed run keeps everything up to its last part.
 DEFAULT_FLUSH_EVERY = 100
+#: torch's launcher (what ``torchrun`` runs): ``profile -m torch.distributed.run ...`` records a whole job.
+TORCHRUN_MODULE = "torch.distributed.run"
+NPROC_FLAGS = ("--nproc-per-node", "--nproc_per_node")
 #: Parts are also at least this many seconds apart (fewer, larger files on fast loops).
 DEFAULT_FLUSH_SECONDS = 2.0
 
@@ -166,9 +169,13 @@ class ProfileOptions:
     label: str | None = None
     quiet: bool = False
     recording: RecorderConfig = field(default_factory=RecorderConfig)
+    #: torchrun's options when the target runs as a distributed job (``--nproc-per-node N ...``): the
+    #: command is then ``profile ... -m torch.distributed.run LAUNCHER_ARGS [-m] TARGET ARGS``; None: one process.
+    launcher_args: tuple[str, ...] | None = None
 
     def command(self) -> list[str]:
-        """The ``python -m gradscope profile ...`` command line that asks for exactly these options."""
+        """The ``python -m gradscope profile ...`` command line that asks for exactly these options
+        (through torch's launcher when ``launcher_args`` is set)."""
         rec = self.recording
         flags: list[str] = ["-q"] if self.quiet else []
         if self.runs_dir is not None:
@@ -191,4 +198,24 @@ class ProfileOptions:
             flags += ["--max-time", repr(rec.max_time)]
         # -m must be profile's last option: everything after the target belongs to the script.
         target = ["-m", self.target] if self.as_module else [self.target]
+        if self.launcher_args is not None:  # torchrun's own -m marks a module target; its options come first
+            target = ["-m", TORCHRUN_MODULE, *self.launcher_args, *target]
         return [sys.executable, "-m", "gradscope", "profile", *flags, *target, *self.args]
+
+
+def torchrun_form(argv: list[str], ours: set[str], takes_value: set[str]) -> list[str]:
+    """``profile [options] [torchrun's options with --nproc-per-node N] train.py ...`` as ``profile [options] -m
+    torch.distributed.run [torchrun's options] train.py ...``: torchrun's options start at the first option
+    that is not one of profile's (``ours``; ``takes_value``: those that take a value), when --nproc-per-node is
+    among them, and torchrun's own parser reads them (gradscope keeps no copy of them)."""
+    if not any(a.split("=", 1)[0] in NPROC_FLAGS for a in argv):
+        return argv
+    i = 1
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("-") or token in ("-m", "--module", "--"):
+            return argv  # the script (or module) comes first: --nproc-per-node is the script's
+        if token.split("=", 1)[0] not in ours:
+            return [*argv[:i], "-m", TORCHRUN_MODULE, *argv[i:]]
+        i += 2 if token in takes_value else 1
+    return argv

@@ -27,11 +27,8 @@ from typing import Any
 from gradscope import __version__, store
 from gradscope.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
 from gradscope.record import runner
-from gradscope.record.config import ProfileOptions
+from gradscope.record.config import TORCHRUN_MODULE, ProfileOptions
 from gradscope.record.job import JOB_ENV, JobEnv
-
-TORCHRUN_MODULE = "torch.distributed.run"
-NPROC_FLAGS = ("--nproc-per-node", "--nproc_per_node")
 
 
 def is_torchrun(options: ProfileOptions) -> bool:

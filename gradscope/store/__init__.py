@@ -39,6 +39,7 @@ from gradscope.store.job import (
     read_job_table,
     read_meta,
 )
+from gradscope.store.merge import Merged, merge_jobs
 from gradscope.store.meta import (
     SCHEMA_VERSION,
     Clipping,
@@ -305,8 +306,8 @@ def count_steps(run_dir: Path) -> int:
 
 __all__ = [
     "LAYERS_SCHEMA", "SCHEMA_VERSION", "STEPS_SCHEMA", "TABLES", "Clipping", "GradscopeError", "OptimizerMeta",
-    "Launch", "Provenance", "RankRun", "Run", "RunMeta", "RunWriter", "StepCounter", "claim_job_dir", "count_steps",
+    "Launch", "Merged", "Provenance", "RankRun", "Run", "RunMeta", "RunWriter", "StepCounter", "claim_job_dir", "count_steps",
     "create_rank_dir", "create_run_dir", "list_rank_dirs", "list_runs", "rank_dir_name",
-    "load_run", "point_latest", "read_meta", "resolve_run", "runs_root", "write_meta",
+    "load_run", "merge_jobs", "point_latest", "read_meta", "resolve_run", "runs_root", "write_meta",
     "DEFAULT_RUNS_DIR", "LATEST_NAME", "META_NAME", "PARTS_DIR", "RUNS_DIR_ENV", "RunNotFoundError",
 ]

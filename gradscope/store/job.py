@@ -25,7 +25,7 @@ from gradscope.store.runs import META_NAME, PARTS_DIR, list_rank_dirs
 from gradscope.store.tables import TABLES
 
 #: A run's statuses from best to worst: a job is as bad as its worst rank.
-_SEVERITY = ("complete", "interrupted", "failed", "killed", "running")
+STATUS_SEVERITY = ("complete", "interrupted", "failed", "killed", "running")
 
 
 def read_meta(run_dir: Path) -> RunMeta:
@@ -116,7 +116,7 @@ def job_status(job_meta: RunMeta, ranks: Sequence[RankRun]) -> str:
     statuses = [live_status(r.meta) for r in ranks]
     if not ranks or job_meta.status != "running":  # a job meta left "running" by a rank that claimed it says nothing
         statuses.append(live_status(job_meta))
-    return max(statuses, key=_SEVERITY.index)
+    return max(statuses, key=STATUS_SEVERITY.index)
 
 
 def job_meta(job: RunMeta, ranks: Sequence[RankRun]) -> RunMeta:
