@@ -6,7 +6,6 @@ clip_grad_norm_, timing its own steps after a warm-up so that start-up is left o
 Prints ``STEP_US <rank> <microseconds per step>`` on each rank.
 """
 
-import os
 import sys
 import time
 
