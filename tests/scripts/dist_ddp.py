@@ -27,7 +27,9 @@ class Trainer:
         loss = nn.functional.cross_entropy(self.model(source), targets)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=100.0)
-        print("REF " + json.dumps({"rank": self.rank, "step": step, "norm": norm.item()}), flush=True)
+        # one write per line: torchrun runs python -u, where print writes the text and its newline apart
+        sys.stdout.write("REF " + json.dumps({"rank": self.rank, "step": step, "norm": norm.item()}) + "\n")
+        sys.stdout.flush()
         self.optimizer.step()
 
     def train(self, steps: int, crash_rank: int) -> None:
