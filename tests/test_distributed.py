@@ -107,3 +107,33 @@ def test_replicated_values_agree_across_ranks(job: Job) -> None:
     spread = rank_disagreement(job.steps, job_scopes(job.metas))
     assert set(spread) == {job.index[c] for c in CASES}
     assert max(spread.values()) <= AGREEMENT_TOLERANCE
+
+
+class JobRun(gradscope.Run):
+    """Rank 0's run read as the job's reader reads a job: every rank's tables through join_ranks."""
+
+    job: Job
+
+    def read_table(self, kind: str, columns: Any = None) -> Any:
+        table = join_ranks(kind, [(r, m, run.read_table(kind)) for r, m, run in self.job.per_rank])
+        return table if columns is None else table.select([*columns, "rank"])
+
+    def iter_batches(self, kind: str, columns: Any = None, batch_size: int = 1 << 20) -> Any:
+        return iter(self.read_table(kind, columns).to_batches(max_chunksize=batch_size))
+
+
+def test_recommend_reads_a_job_once_per_step(job: Job) -> None:
+    from gradscope.recommend import recommend
+
+    first = job.per_rank[0][2]
+    run = JobRun(path=first.path, meta=first.meta, compacted=first.compacted, parts=first.parts)
+    run.job = job
+    recs = {rec.optimizer: rec for rec in recommend(run)}
+    for case in CASES:
+        rec = recs[job.index[case]]
+        assert (rec.n_ranks, rec.norm_scope) == (2, SCOPES[case])
+        truth = [t["grad_norm"] for t in job.truth(case, 0)]
+        assert rec.distribution.n_used == 3
+        assert rec.distribution.max == pytest.approx(max(truth), rel=REL)
+        assert {s.layer for s in rec.layers} == set(job.truth(case, 0)[0]["layers"])
+        assert "ranks-disagree" not in {n.slug for n in rec.notes}

@@ -54,6 +54,7 @@ from gradscope.store.runs import (
     resolve_run,
     runs_root,
 )
+from gradscope.store.combine import AGREEMENT_TOLERANCE, SCOPES_KEY, job_scopes, join_ranks, rank_disagreement
 from gradscope.store.tables import LAYERS_SCHEMA, STEPS_SCHEMA, TABLES
 
 # --------------------------------------------------------------------------------------------------
@@ -300,6 +301,7 @@ def count_steps(run_dir: Path) -> int:
 
 
 __all__ = [
+    "AGREEMENT_TOLERANCE", "SCOPES_KEY", "job_scopes", "join_ranks", "rank_disagreement",
     "LAYERS_SCHEMA", "SCHEMA_VERSION", "STEPS_SCHEMA", "TABLES", "Clipping", "GradscopeError", "OptimizerMeta",
     "Provenance", "Run", "RunMeta", "RunWriter", "StepCounter", "count_steps", "create_run_dir", "list_runs",
     "load_run", "point_latest", "read_meta", "resolve_run", "runs_root", "write_meta",

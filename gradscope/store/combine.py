@@ -17,6 +17,7 @@ whose pieces cannot be combined (``rank-local``) keep each rank's values.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +26,8 @@ import pyarrow.compute as pc
 
 from gradscope.store.meta import RunMeta
 
+#: The joined table's schema metadata key holding {optimizer index: norm scope} as JSON.
+SCOPES_KEY = b"gradscope.norm_scopes"
 #: Relative spread of replicated norms across ranks beyond which the ranks did not hold the same gradients.
 AGREEMENT_TOLERANCE = 1e-5
 
@@ -60,7 +63,10 @@ def join_ranks(kind: str, per_rank: PerRank) -> pa.Table:
     out = [t.append_column("rank", pa.array(np.full(t.num_rows, rank, dtype=np.int32)))
            for (rank, _, _), t in zip(ordered, tables, strict=True)]
     schema = pa.unify_schemas([t.schema for t in out], promote_options="permissive")
-    return pa.concat_tables([t.cast(schema) if t.schema != schema else t for t in out])
+    joined = pa.concat_tables([t.cast(schema) if t.schema != schema else t for t in out])
+    scopes = job_scopes([meta for _, meta, _ in ordered])
+    # the readers of the joined table (recommend) learn each optimizer's scope from it
+    return joined.replace_schema_metadata({**(joined.schema.metadata or {}), SCOPES_KEY: json.dumps(scopes).encode()})
 
 
 def _column(table: pa.Table, name: str, dtype: type = np.float64) -> np.ndarray:
