@@ -137,3 +137,27 @@ def test_recommend_reads_a_job_once_per_step(job: Job) -> None:
         assert rec.distribution.max == pytest.approx(max(truth), rel=REL)
         assert {s.layer for s in rec.layers} == set(job.truth(case, 0)[0]["layers"])
         assert "ranks-disagree" not in {n.slug for n in rec.notes}
+
+
+def test_a_step_one_rank_lacks_is_not_combined(job: Job) -> None:
+    """Rank 1 without its last step (it died before writing it): that step's combined norms are null on rank 0,
+    never rank 0's pieces alone; the other steps combine as before (the row-by-row path)."""
+    import pyarrow.compute as pc
+
+    index, last = job.index["fsdp2"], 2
+    tables = {kind: [] for kind in ("steps", "layers")}
+    for rank, meta, run in job.per_rank:
+        for kind in tables:
+            table = run.read_table(kind)
+            if rank == 1:
+                table = table.filter(pc.invert(pc.and_(pc.equal(table["optimizer"], index), pc.equal(table["step"], last))))
+            tables[kind].append((rank, meta, table))
+    steps = _rows(join_ranks("steps", tables["steps"]), optimizer=index, rank=0)
+    layers = _rows(join_ranks("layers", tables["layers"]), optimizer=index, rank=0)
+    truth = job.truth("fsdp2", 0)
+    assert np.isnan(steps["grad_norm"][-1])
+    np.testing.assert_allclose(steps["grad_norm"][:-1], [t["grad_norm"] for t in truth[:-1]], rtol=REL)
+    assert np.isnan(layers["norm"][layers["step"] == last]).all()
+    first = layers["step"] == 0
+    got = dict(zip(layers["layer"][first], layers["norm"][first], strict=True))
+    assert got == pytest.approx(truth[0]["layers"], rel=REL)

@@ -134,12 +134,14 @@ def _layer_codes(table: pa.Table, names: Sequence[str]) -> np.ndarray:
     lookup = pa.array(list(names), pa.string())
     codes = []
     for chunk in table.column("layer").chunks:
-        if pa.types.is_dictionary(chunk.type):
-            mapping = pc.fill_null(pc.index_in(chunk.dictionary.cast(pa.string()), value_set=lookup), -1)
-            codes.append(mapping.to_numpy()[chunk.indices.to_numpy(zero_copy_only=False)])
-        else:
-            codes.append(pc.fill_null(pc.index_in(chunk, value_set=lookup), -1).to_numpy())
-    return np.concatenate(codes).astype(np.int64) if codes else np.zeros(0, dtype=np.int64)
+        if not pa.types.is_dictionary(chunk.type):
+            chunk = pc.dictionary_encode(chunk)
+        mapping = pc.fill_null(pc.index_in(chunk.dictionary.cast(pa.string()), value_set=lookup), -1).to_numpy()
+        indices = chunk.indices.to_numpy(zero_copy_only=False)
+        # the recorder's dictionary is the names in order: the indices are the codes (no gather over the rows)
+        identity = len(mapping) <= len(names) and np.array_equal(mapping, np.arange(len(mapping)))
+        codes.append(indices if identity else mapping.astype(np.int32)[indices])
+    return np.concatenate(codes).astype(np.int32, copy=False) if codes else np.zeros(0, dtype=np.int32)
 
 
 def _weights(meta: RunMeta, index: int, names: Sequence[str]) -> np.ndarray:
@@ -151,33 +153,138 @@ def _weights(meta: RunMeta, index: int, names: Sequence[str]) -> np.ndarray:
     return np.array([np.nan if w is None else float(w) for w in opt.shard_weights] + [np.nan])
 
 
+def _floats32(table: pa.Table, name: str) -> np.ndarray:
+    """A float column as a new writable float32 array (nulls as NaN), in one copy."""
+    column = table.column(name)
+    if column.null_count:
+        column = pc.fill_null(column, np.nan)
+    chunks = [c.to_numpy(zero_copy_only=False) for c in column.chunks]
+    return np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, dtype=np.float32)
+
+
+def _rows_of(table: pa.Table, index: int) -> np.ndarray | slice:
+    """The rows of optimizer ``index``: a slice when they are all of the table's (no index array to make)."""
+    column = table.column("optimizer")
+    bounds = pc.min_max(column)
+    if bounds["min"].as_py() == index == bounds["max"].as_py() and not column.null_count:
+        return slice(None)
+    return np.flatnonzero(column.to_numpy(zero_copy_only=False) == index)
+
+
 def _combine_layers(ordered: PerRank, sharded: set[int]) -> list[pa.Table]:
     tables = [t for _, _, t in ordered]
-    opt = [_column(t, "optimizer", np.int64) for t in tables]
-    norms = [_column(t, "norm") for t in tables]
+    norms = [_floats32(t, "norm") for t in tables]
     for index in sorted(sharded):
         names = next(o.names for _, meta, _ in ordered for o in meta.optimizers if o.index == index)
-        rows = [np.flatnonzero(o == index) for o in opt]
-        union, pos = _positions([_column(t, "step", np.int64)[r] for t, r in zip(tables, rows, strict=True)])
-        width = len(names) + 1  # the last column: layers the meta does not name (left as they are)
-        codes = [np.where(c < 0, len(names), c) for c in
-                 (_layer_codes(t, names)[r] for t, r in zip(tables, rows, strict=True))]
-        acc = np.zeros(len(union) * width)
-        seen = np.zeros(len(union) * width, dtype=bool)
-        count = np.zeros(len(union), dtype=np.int64)
+        rows = [_rows_of(t, index) for t in tables]
         weights = [_weights(meta, index, names) for _, meta, _ in ordered]
-        for n, r, p, c, w in zip(norms, rows, pos, codes, weights, strict=True):
-            flat, value = p * width + c, n[r]
-            counts = ~np.isnan(value)
-            acc += np.bincount(flat, weights=np.where((w[c] == 1) & counts, value, 0.0) ** 2, minlength=acc.size)
-            seen[flat[counts & (w[c] == 1)]] = True
-            count[np.unique(p)] += 1
-        combined = np.where(seen, np.sqrt(acc), np.nan)
-        combined[np.repeat(count != _expected_ranks(ordered, index), width)] = np.nan
-        for n, r, p, c, w in zip(norms, rows, pos, codes, weights, strict=True):
-            piece = ~np.isnan(w[c])  # a sharded tensor's row (weight 1 or 0) takes the combined norm
-            n[r[piece]] = combined[(p * width + c)[piece]]
-    return [_replace(t, "norm", pa.array(n.astype(np.float32))) for t, n in zip(tables, norms, strict=True)]
+        views = [n[r] for n, r in zip(norms, rows, strict=True)]
+        expected = _expected_ranks(ordered, index)
+        if expected == len(ordered) and _dense(tables, rows, names):
+            _combine_dense(views, weights, len(names))
+        else:
+            codes = [_layer_codes(t, names)[r] for t, r in zip(tables, rows, strict=True)]
+            steps = [t.column("step").to_numpy()[r] for t, r in zip(tables, rows, strict=True)]
+            _combine_sparse(views, weights, steps, codes, len(names), expected)
+        for n, r, view in zip(norms, rows, views, strict=True):
+            if not isinstance(r, slice):
+                n[r] = view  # fancy-indexed rows were combined in a copy (a slice's view was combined in place)
+    return [_replace(t, "norm", pa.array(n)) for t, n in zip(tables, norms, strict=True)]
+
+
+def _tiled(table: pa.Table, names: Sequence[str]) -> bool:
+    """Every row's layer is names[row % len(names)], checked chunk by chunk on the dictionary indices (no copy;
+    the reader's chunks need not end on a step)."""
+    width, offset = len(names), 0
+    order = np.arange(width)
+    lookup = pa.array(list(names), pa.string())
+    tile = order
+    for chunk in table.column("layer").chunks:
+        if not pa.types.is_dictionary(chunk.type) or chunk.null_count:
+            return False
+        mapping = pc.fill_null(pc.index_in(chunk.dictionary.cast(pa.string()), value_set=lookup), -1).to_numpy()
+        codes = chunk.indices.to_numpy()
+        if not np.array_equal(mapping, order[:len(mapping)]):  # a row group's dictionary in another order
+            codes = mapping[codes]
+        if len(tile) < len(chunk) + width:
+            tile = np.tile(order, len(chunk) // width + 2)
+        start = offset % width
+        if not np.array_equal(codes, tile[start:start + len(chunk)]):
+            return False
+        offset += len(chunk)
+    return True
+
+
+def _strided(column: pa.ChunkedArray, positions: np.ndarray) -> np.ndarray:
+    """``column``'s values at the sorted ``positions``, chunk by chunk (no copy of the whole column)."""
+    out = np.empty(len(positions), dtype=np.int64)
+    start = 0
+    for chunk in column.chunks:
+        values = chunk.to_numpy(zero_copy_only=False)
+        lo, hi = np.searchsorted(positions, [start, start + len(values)])
+        out[lo:hi] = values[positions[lo:hi] - start]
+        start += len(values)
+    return out
+
+
+def _dense(tables: list[pa.Table], rows: list[np.ndarray | slice], names: Sequence[str]) -> bool:
+    """The recorder's layout: each rank's rows (all of its table's) are whole steps of the layers in the names'
+    order, and every rank has the same steps; then the norms combine as (steps, layers) matrices."""
+    width = len(names)
+    first: np.ndarray | None = None
+    for table, r in zip(tables, rows, strict=True):
+        if not isinstance(r, slice) or width == 0 or len(table) % width or not _tiled(table, names):
+            return False
+        heads = _strided(table.column("step"), np.arange(0, len(table), width))
+        tails = _strided(table.column("step"), np.arange(width - 1, len(table), width))
+        first = heads if first is None else first
+        if not (np.array_equal(heads, first) and np.array_equal(tails, first)):
+            return False
+    return True
+
+
+def _combine_dense(views: list[np.ndarray], weights: list[np.ndarray], width: int) -> None:
+    """Combine in place: each rank's sharded columns take sqrt(sum over ranks of weight * norm^2). Whole rows,
+    masks broadcast over the layers: no column gathers (strided copies cost 3x these passes)."""
+    mats = [v.reshape(-1, width) for v in views]
+    acc = np.zeros(mats[0].shape, dtype=np.float32)
+    seen = np.zeros(mats[0].shape, dtype=bool)
+    scratch = np.empty_like(mats[0])  # one buffer for every rank: fresh pages cost more than the arithmetic
+    for mat, w in zip(mats, weights, strict=True):
+        held = ~np.isnan(mat)
+        held &= w[:width] == 1
+        seen |= held
+        np.square(mat, out=scratch)
+        np.copyto(scratch, np.float32(0), where=~held)
+        acc += scratch
+    np.sqrt(acc, out=acc)
+    acc[~seen] = np.nan
+    for mat, w in zip(mats, weights, strict=True):
+        # weight 1 or 0: the tensor is sharded, whatever this rank holds of it
+        np.copyto(mat, acc, where=~np.isnan(w[:width]))
+
+
+def _combine_sparse(views: list[np.ndarray], weights: list[np.ndarray], steps: list[np.ndarray],
+                    codes: list[np.ndarray], width: int, expected: int) -> None:
+    """Combine in place, row by row, when the ranks' steps differ (a rank stopped early) or rows are out of order;
+    a step not every rank recorded gets NaN."""
+    union, pos = _positions(steps)
+    cols = width + 1  # the last column: layers the meta does not name (left as they are)
+    codes = [np.where(c < 0, width, c) for c in codes]
+    acc = np.zeros(len(union) * cols)
+    seen = np.zeros(len(union) * cols, dtype=bool)
+    count = np.zeros(len(union), dtype=np.int64)
+    for view, p, c, w in zip(views, pos, codes, weights, strict=True):
+        counts = (w[c] == 1) & ~np.isnan(view)
+        flat = p * cols + c
+        acc += np.bincount(flat[counts], weights=view[counts].astype(np.float64) ** 2, minlength=acc.size)
+        seen[flat[counts]] = True
+        count[np.unique(p)] += 1
+    combined = np.where(seen, np.sqrt(acc), np.nan)
+    combined[np.repeat(count != expected, cols)] = np.nan
+    for view, p, c, w in zip(views, pos, codes, weights, strict=True):
+        piece = ~np.isnan(w[c])
+        view[piece] = combined[(p * cols + c)[piece]]
 
 
 def rank_disagreement(steps: pa.Table, scopes: dict[int, str]) -> dict[int, float]:
