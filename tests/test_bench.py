@@ -84,4 +84,4 @@ def test_ranks_section_times_both_tables(quick: tuple[str, dict]) -> None:
     stdout, report = quick
     assert "Ranks: join_ranks" in stdout
     assert [row[0] for row in report["ranks"]] == ["steps", "layers"]
-    assert [row[4] for row in report["ranks"]] == [2 * 2000, 2 * 2000 * 5]  # every rank's rows, joined
+    assert [row[5] for row in report["ranks"]] == [2 * 2000, 2 * 2000 * 5]  # every rank's rows, joined

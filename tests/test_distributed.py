@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import SCRIPTS, assert_exit_ok, clean_env, parse_refs
 
 import gradscope
-from gradscope.store.combine import AGREEMENT_TOLERANCE, job_scopes, join_ranks, rank_disagreement
-from conftest import SCRIPTS, assert_exit_ok, clean_env, parse_refs
+from gradscope.store import AGREEMENT_TOLERANCE, job_scopes, join_ranks, rank_disagreement
 
 CASES = ("fsdp2", "fsdp1", "fsdp1-orig", "tp", "ddp")
 SCOPES = {"fsdp2": "sharded", "fsdp1": "sharded", "fsdp1-orig": "sharded", "tp": "sharded", "ddp": "global"}
@@ -26,9 +26,9 @@ REL = 1e-4
 
 
 class Job:
-    """The two ranks' runs of one torchrun launch, joined, and the fixture's truth."""
+    """The ranks' runs of one torchrun launch, joined, and the fixture's truth."""
 
-    def __init__(self, runs_dir: Path, stdout: str) -> None:
+    def __init__(self, runs_dir: Path, stdout: str, cases: tuple[str, ...] = CASES) -> None:
         self.refs = parse_refs(stdout)
         pids = {r["pid"]: r["rank"] for r in self.refs if r["case"] == "rank"}
         runs = [gradscope.load_run(path) for path in sorted(runs_dir.iterdir()) if path.name != "latest"]
@@ -37,21 +37,42 @@ class Job:
         self.steps = join_ranks("steps", [(r, m, run.read_table("steps")) for r, m, run in self.per_rank])
         self.layers = join_ranks("layers", [(r, m, run.read_table("layers")) for r, m, run in self.per_rank])
         # the cases' optimizers in the order they first stepped, as slots are numbered
-        self.index = {case: i for i, case in enumerate(CASES)}
+        self.index = {case: i for i, case in enumerate(cases)}
 
     def truth(self, case: str, rank: int) -> list[dict[str, Any]]:
         return [r for r in self.refs if r["case"] == case and r["rank"] == rank and "grad_norm" in r]
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> Job:
+def launch(tmp_path_factory: pytest.TempPathFactory, nproc: int, cases: tuple[str, ...]) -> Job:
+    """``torchrun --nproc-per-node NPROC -m gradscope profile dist_shard.py CASES``: each rank its own run."""
     runs_dir = tmp_path_factory.mktemp("dist") / "runs"
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "gradscope", "profile", "--runs-dir", str(runs_dir), "dist_shard.py"]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "gradscope", "profile", "--runs-dir", str(runs_dir), "dist_shard.py", *cases]
     proc = subprocess.run(argv, cwd=SCRIPTS, env=clean_env({"OMP_NUM_THREADS": "1"}), capture_output=True,
                           text=True, timeout=600)
     assert_exit_ok(proc)
-    return Job(runs_dir, proc.stdout)
+    return Job(runs_dir, proc.stdout, cases)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> Job:
+    return launch(tmp_path_factory, 2, CASES)
+
+
+def _assert_truth(job: Job, case: str, ranks: range) -> None:
+    """Every rank's combined global and per-layer norms equal the unsharded replica's."""
+    index = job.index[case]
+    for rank in ranks:
+        truth = job.truth(case, rank)
+        steps = _rows(job.steps, optimizer=index, rank=rank)
+        assert len(steps["step"]) == len(truth) == 3
+        np.testing.assert_allclose(steps["grad_norm"], [t["grad_norm"] for t in truth], rtol=REL)
+        layers = _rows(job.layers, optimizer=index, rank=rank)
+        got = {(int(s), str(name)): float(v) for s, name, v in zip(layers["step"], layers["layer"], layers["norm"],
+                                                                   strict=True)}
+        for t in truth:
+            for name, value in t["layers"].items():
+                assert got[(t["step"], name)] == pytest.approx(value, rel=REL, abs=1e-7), (case, rank, t["step"], name)
 
 
 def _rows(table: Any, **where: int) -> dict[str, np.ndarray]:
@@ -78,18 +99,18 @@ def test_each_rank_records_its_scope_and_weights(job: Job) -> None:
 
 @pytest.mark.parametrize("case", CASES)
 def test_combined_norms_equal_the_full_model(job: Job, case: str) -> None:
-    index = job.index[case]
-    for rank in (0, 1):
-        truth = job.truth(case, rank)
-        steps = _rows(job.steps, optimizer=index, rank=rank)
-        assert len(steps["step"]) == len(truth) == 3
-        np.testing.assert_allclose(steps["grad_norm"], [t["grad_norm"] for t in truth], rtol=REL)
-        layers = _rows(job.layers, optimizer=index, rank=rank)
-        got = {(int(s), str(name)): float(v) for s, name, v in zip(layers["step"], layers["layer"], layers["norm"],
-                                                                   strict=True)}
-        for t in truth:
-            for name, value in t["layers"].items():
-                assert got[(t["step"], name)] == pytest.approx(value, rel=REL, abs=1e-7), (case, rank, t["step"], name)
+    _assert_truth(job, case, range(2))
+
+
+def test_two_dimensional_meshes_on_four_ranks(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """FSDP2 x tensor parallel on a (dp, tp) mesh (a plain layer sharded on the dp slice: every tp rank holds the
+    same piece, counted once) and HSDP's (replicate, shard) mesh (the second replica's shards weigh 0)."""
+    four = launch(tmp_path_factory, 4, ("fsdp-tp", "hsdp"))
+    for case in ("fsdp-tp", "hsdp"):
+        _assert_truth(four, case, range(4))
+    hsdp = [{o.index: o for o in meta.optimizers}[four.index["hsdp"]].shard_weights for meta in four.metas]
+    assert [set(w or ()) for w in hsdp] == [{1}, {1}, {0}, {0}]
+    assert max(rank_disagreement(four.steps, job_scopes(four.metas)).values()) <= AGREEMENT_TOLERANCE
 
 
 def test_script_clipping_of_sharded_models_is_divided_out(job: Job) -> None:

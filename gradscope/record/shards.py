@@ -115,10 +115,25 @@ def dtensor_weight(tensor: Any) -> Any:
         return LOCAL
     if all(p.is_replicate() for p in placements):
         return None
-    coordinate = tensor.device_mesh.get_coordinate()  # local: the mesh knows this rank's place
+    mesh = tensor.device_mesh
+    coordinate = mesh.get_coordinate()  # local: the mesh knows this rank's place
     if coordinate is None:
         return 0  # the rank is not in the mesh: it holds no piece
-    return int(all(coordinate[d] == 0 for d, p in enumerate(placements) if p.is_replicate()))
+    first = all(coordinate[d] == 0 for d, p in enumerate(placements) if p.is_replicate())
+    return int(first and _first_across_other_dims(mesh))
+
+
+def _first_across_other_dims(mesh: Any) -> bool:
+    """True unless ``mesh`` was sliced from a larger mesh along whose other dimensions the rank's coordinate is
+    not 0: those dimensions hold the same pieces (FSDP2 on the "dp" slice of a (dp, tp) mesh shards a plain
+    layer across dp, and every tp rank holds the same dp piece)."""
+    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+    names, root_names = mesh.mesh_dim_names, root.mesh_dim_names
+    if root is mesh or not names or not root_names or not set(names) <= set(root_names):
+        return True  # not a slice, or a flattened one whose dimensions cannot be told apart: as placed
+    coordinate = root.get_coordinate()
+    return coordinate is not None and all(c == 0 for c, name in zip(coordinate, root_names, strict=True)
+                                          if name not in names)
 
 
 def _scope(weights: list[Any], covered: list[bool]) -> str:

@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from gradscope.errors import GradscopeError, RunFormatError, RunNotFoundError
 from gradscope.store import tables
+from gradscope.store.combine import AGREEMENT_TOLERANCE, SCOPES_KEY, job_scopes, join_ranks, rank_disagreement
 from gradscope.store.meta import (
     FORMAT_NAME,
     SCHEMA_VERSION,
@@ -54,7 +55,6 @@ from gradscope.store.runs import (
     resolve_run,
     runs_root,
 )
-from gradscope.store.combine import AGREEMENT_TOLERANCE, SCOPES_KEY, job_scopes, join_ranks, rank_disagreement
 from gradscope.store.tables import LAYERS_SCHEMA, STEPS_SCHEMA, TABLES
 
 # --------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Sharded training on 2 CPU ranks (gloo), in the shapes of public examples, with the full-model truth.
 
-    torchrun --standalone --nproc-per-node 2 dist_shard.py [CASE ...]
+    torchrun --standalone --nproc-per-node 2 dist_shard.py [CASE ...]     (the first five cases by default)
+    torchrun --standalone --nproc-per-node 4 dist_shard.py fsdp-tp hsdp
 
 Cases, each with its own model and optimizer, one after the other in one process group:
   fsdp2       fully_shard on each block, then on the root (pytorch/examples distributed/FSDP2); the script
@@ -10,6 +11,8 @@ Cases, each with its own model and optimizer, one after the other in one process
   fsdp1-orig  the same with use_orig_params=True, no clipping
   tp          parallelize_module with ColwiseParallel / RowwiseParallel, plus a plain replicated head
   ddp         DistributedDataParallel (whole gradients on every rank)
+  fsdp-tp     (4 ranks) tensor parallel within pairs of ranks, FSDP2 across them: a 2-D mesh
+  hsdp        (4 ranks) FSDP2 on a (replicate, shard) mesh: duplicate shards weigh 0
 
 The truth: an unsharded replica with the same initial weights, fed every rank's batch (tensor parallel:
 the one shared batch), its gradients taken with torch.autograd.grad (no backward hook, no optimizer) and
@@ -90,12 +93,14 @@ def truth_step(case, step, replica, x, y, clip):
             p.sub_(LR * coef * g)
 
 
-def train(case, model, replica, shared_input=False, clip=None):
+def train(case, model, replica, shared_input=False, clip=None, data=None):
+    """``data``: (this rank's batch index, batches per step); every rank its own batch by default."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    index, count = data or (rank, world)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     for step in range(STEPS):
-        x, y = batches(step, world)
-        mine = slice(None) if shared_input else slice(rank * BATCH, (rank + 1) * BATCH)
+        x, y = batches(step, count)
+        mine = slice(None) if shared_input else slice(index * BATCH, (index + 1) * BATCH)
         loss = nn.functional.mse_loss(model(x[mine]), y[mine])
         loss.backward()
         if clip == "function":
@@ -154,13 +159,41 @@ def run_ddp():
     train("ddp", DDP(net), replica)
 
 
+def run_fsdp_tp():
+    """2-D: tensor parallel inside each pair of ranks, FSDP2 across the pairs (torchtitan's layout)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    model = TPNet()
+    replica = copy.deepcopy(model)
+    mesh = init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("dp", "tp"))
+    parallelize_module(model, mesh["tp"], {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    train("fsdp-tp", model, replica, data=(mesh.get_coordinate()[0], 2))
+
+
+def run_hsdp():
+    """2-D: FSDP2 with a (replicate, shard) mesh: each shard held by two ranks, counted once."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = Net()
+    replica = copy.deepcopy(model)
+    mesh = init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("replicate", "shard"))
+    fully_shard(model, mesh=mesh)
+    train("hsdp", model, replica)
+
+
 CASES = {"fsdp2": run_fsdp2, "fsdp1": lambda: run_fsdp1(False), "fsdp1-orig": lambda: run_fsdp1(True),
-         "tp": run_tp, "ddp": run_ddp}
+         "tp": run_tp, "ddp": run_ddp, "fsdp-tp": run_fsdp_tp, "hsdp": run_hsdp}  # the last two: 4 ranks
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     sys.stdout.flush()
     ref(case="rank", rank=dist.get_rank(), pid=os.getpid())
-    for name in sys.argv[1:] or list(CASES):
+    for name in sys.argv[1:] or ["fsdp2", "fsdp1", "fsdp1-orig", "tp", "ddp"]:
         CASES[name]()
     dist.destroy_process_group()
