@@ -182,3 +182,13 @@ def test_a_step_one_rank_lacks_is_not_combined(job: Job) -> None:
     first = layers["step"] == 0
     got = dict(zip(layers["layer"][first], layers["norm"][first], strict=True))
     assert got == pytest.approx(truth[0]["layers"], rel=REL)
+
+
+def test_one_ranks_run_read_alone_is_rank_local(job: Job) -> None:
+    from gradscope.recommend import recommend
+
+    recs = {rec.optimizer: rec for rec in recommend(job.per_rank[1][2], with_layers=False)}
+    for case, scope in SCOPES.items():
+        rec = recs[job.index[case]]
+        assert rec.norm_scope == ("rank-local" if scope == "sharded" else "global")
+        assert ("rank-local" in {n.slug for n in rec.notes}) == (scope == "sharded")

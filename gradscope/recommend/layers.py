@@ -176,7 +176,7 @@ def _ordinary_pages_matrix(rows: int, columns: int) -> np.ndarray:
 
 
 def scan_layers(run: Run, plans: dict[int, LayerPlan], single: bool,
-                batch_rows: int = LAYER_BATCH_ROWS, rank: int = 0) -> dict[int, LayerData]:
+                batch_rows: int = LAYER_BATCH_ROWS, rank: int | None = None) -> dict[int, LayerData]:
     """Stream the layers table once: per-layer norm samples of used steps, all norms of steps of interest.
 
     Args:
@@ -208,7 +208,7 @@ def scan_layers(run: Run, plans: dict[int, LayerPlan], single: bool,
 
 
 def _layer_batches(run: Run, names: dict[str, int], single: bool, batch_rows: int,
-                   rank: int) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]]:
+                   rank: int | None) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]]:
     """(step, optimizer or None, layer id, norm) arrays per record batch, reading only what is needed."""
     columns = ["step", "layer", "norm"] if single else ["step", "optimizer", "layer", "norm"]
     try:

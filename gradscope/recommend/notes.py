@@ -115,18 +115,19 @@ def nonfinite_notes(dist: Distribution, nonfinite: NonFinite) -> list[Note]:
     return notes
 
 
-def rank_notes(scope: str, n_ranks: int, rank: int, spread: float | None) -> list[Note]:
+def rank_notes(scope: str, n_ranks: int, rank: int | None, spread: float | None) -> list[Note]:
     """A distributed job's caveats: an optimizer whose norms are one rank's own, and ranks that disagree on
     norms they should all hold (docs/distributed.md)."""
     notes = []
-    if scope == "rank-local" and n_ranks > 1:
+    whose = "this rank's" if rank is None else f"rank {rank}'s"
+    if scope == "rank-local":
         notes.append(Note("rank-local", (
-            f"the norms are rank {rank}'s own gradients, not the global norm: its ranks hold different gradients "
-            f"that gradscope cannot combine (no DDP or FSDP above them, or a Partial DTensor placement); "
+            f"the norms are {whose} own gradients, not the global norm: one rank's run read alone, or ranks "
+            f"whose gradients gradscope cannot combine (no DDP or FSDP above them, a Partial DTensor placement); "
             f"clip_grad_norm_ on every rank would clip each rank by its own norm")))
     if spread is not None and spread > AGREEMENT_TOLERANCE:
         notes.append(Note("ranks-disagree", (
             f"the {n_ranks} ranks' norms of tensors they should all hold whole differ by up to {spread:.2%}: "
             f"a setup problem (a parameter outside DDP, tensor-parallel ranks fed different batches); "
-            f"the numbers are rank {rank}'s")))
+            f"the numbers are {whose}")))
     return notes

@@ -29,7 +29,9 @@ class Ranks:
     """What the steps table says about the ranks of a distributed job (one rank for a single process)."""
 
     n_ranks: int = 1
-    rank: int = 0  # the rank whose rows are analysed (after store.join_ranks, a sharded optimizer's hold the full norms)
+    # the rank whose rows are analysed (after store.join_ranks, a sharded optimizer's hold the full norms); None: a
+    # table without ranks
+    rank: int | None = None
     scopes: dict[int, str] = field(default_factory=dict)  # optimizer index -> global | sharded | rank-local
     spread: dict[int, float] = field(default_factory=dict)  # optimizer index -> ranks' largest relative disagreement
 
@@ -63,7 +65,9 @@ def read_steps(run: Run) -> tuple[dict[str, np.ndarray], Ranks]:
 def _one_rank(run: Run, table: pa.Table) -> tuple[pa.Table, Ranks]:
     """``table`` reduced to its lowest rank's rows, and the job's ranks, scopes and disagreement."""
     if "rank" not in table.column_names:
-        return table, Ranks(scopes=_meta_scopes(run))
+        # one rank's own run read alone: a sharded optimizer's norms are then that rank's pieces only
+        scopes = {k: "rank-local" if v == "sharded" else v for k, v in _meta_scopes(run).items()}
+        return table, Ranks(scopes=scopes)
     raw = (table.schema.metadata or {}).get(SCOPES_KEY)
     scopes = {int(k): str(v) for k, v in json.loads(raw).items()} if raw else _meta_scopes(run)
     present = np.unique(table.column("rank").to_numpy())
@@ -74,9 +78,9 @@ def _one_rank(run: Run, table: pa.Table) -> tuple[pa.Table, Ranks]:
     return table.filter(pc.equal(table.column("rank"), rank)), Ranks(len(present), rank, scopes, spread)
 
 
-def rank_rows(batch: pa.RecordBatch, rank: int) -> pa.RecordBatch:
+def rank_rows(batch: pa.RecordBatch, rank: int | None) -> pa.RecordBatch:
     """A batch of a job's layers table reduced to ``rank``'s rows (a batch without ``rank``: as it is)."""
-    if "rank" not in batch.schema.names:
+    if rank is None or "rank" not in batch.schema.names:
         return batch
     return batch.filter(pc.equal(batch.column("rank"), rank))
 

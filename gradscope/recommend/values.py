@@ -36,7 +36,7 @@ def value_clipping_in_effect(run: Run) -> bool:
 
 
 def read_step_max_abs(run: Run, views: dict[int, OptimizerView], single: bool,
-                      batch_rows: int, rank: int = 0) -> dict[int, np.ndarray]:
+                      batch_rows: int, rank: int | None = None) -> dict[int, np.ndarray]:
     """Per optimizer, an array indexed by step: the step's largest ``max_abs`` over its tensors (NaN: none).
 
     Empty when value clipping was not in effect or the run has no ``max_abs`` column.

@@ -118,7 +118,8 @@ def blocks(rec: Recommendation) -> list[Block]:
     if rec.status_note:
         out.append(Line(rec.status_note, "bold yellow"))
     if rec.n_ranks > 1 or rec.norm_scope != "global":
-        out.append(Line(f"{rec.n_ranks} ranks read; norms: {SCOPE_TEXT.get(rec.norm_scope, rec.norm_scope)}"))
+        ranks = "1 rank" if rec.n_ranks == 1 else f"{rec.n_ranks} ranks"
+        out.append(Line(f"{ranks} read; norms: {SCOPE_TEXT.get(rec.norm_scope, rec.norm_scope)}"))
     out += [
         *_closure_lines(rec), _headline(rec), Line(f"intent: {rec.intent_text}"),
         _distribution_table(rec), _clip_table(rec), *_value_blocks(rec.value_clipping), *_spike_blocks(rec),
