@@ -13,6 +13,7 @@ memory     100,000 tiny recorded steps in a child process: RSS flat in the numbe
 e2e        ``gradscope profile`` vs ``python`` on the sample_runs scripts: wall time, peak RSS (bench/e2e.py)
 gpu        host synchronisations per step and the GPU overhead ratio, where CUDA exists (bench/gpu.py)
 recommend  ``gradscope recommend`` on a large synthetic run (bench/bench_recommend.py, its own table)
+ranks      reading a distributed job: store.join_ranks over 8 ranks of a sharded optimizer (bench/ranks.py)
 
 Nothing here asserts a time: the targets are printed next to what was measured.
 """
@@ -36,10 +37,11 @@ sys.path.insert(0, str(HERE))
 import e2e  # noqa: E402
 import gpu  # noqa: E402
 import overhead  # noqa: E402
+import ranks  # noqa: E402
 import torch  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
-SECTIONS = ["overhead", "memory", "e2e", "gpu", "recommend"]
+SECTIONS = ["overhead", "memory", "e2e", "gpu", "recommend", "ranks"]
 TARGET_VS_FLOOR = {"lstm": 1.5, "gpt": 1.5, "mlp": 2.0, "many": 2.0}  # gradscope added / floor added, at most
 TARGET_VS_ITEM_LOOP = 10.0  # item-loop added / gradscope added on the ~400-tensor model, at least
 TARGET_RSS_MB = 50.0
@@ -293,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {t[0]:<8} {t[1]:<46} {t[2]:>44}   target {t[3]:<9} {t[4]}")
     if "recommend" in args.only:
         report["recommend_exit_code"] = run_recommend(args)
+    if "ranks" in args.only:
+        print("\nRanks: join_ranks over the ranks of a sharded optimizer", flush=True)
+        report["ranks"] = ranks.bench(*((2, 2000, 5) if args.quick else (8, 100_000, 100)))
     report["wall_s"] = time.perf_counter() - started
     report["load_end"] = os.getloadavg()[0]
     print(f"\nbench finished in {report['wall_s']:.0f} s (load average {report['load_end']:.1f})")

@@ -78,3 +78,10 @@ def test_other_sections_report(quick: tuple[str, dict]) -> None:
         assert "no CUDA device" in stdout
     if (BENCH / "bench_recommend.py").is_file():
         assert report["recommend_exit_code"] == 0
+
+
+def test_ranks_section_times_both_tables(quick: tuple[str, dict]) -> None:
+    stdout, report = quick
+    assert "Ranks: join_ranks" in stdout
+    assert [row[0] for row in report["ranks"]] == ["steps", "layers"]
+    assert [row[5] for row in report["ranks"]] == [2 * 2000, 2 * 2000 * 5]  # every rank's rows, joined

@@ -21,6 +21,8 @@ streamed once (``layers.py``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from gradscope.errors import NoDataError, UsageError
@@ -42,6 +44,7 @@ from gradscope.recommend.notes import (
     count_notes,
     first_steps_notes,
     nonfinite_notes,
+    rank_notes,
     value_notes,
 )
 from gradscope.recommend.schedule import first_steps
@@ -95,22 +98,25 @@ def recommend(run: Run, percentile: float = DEFAULT_PERCENTILE, skip_steps: int 
         RunFormatError: a table of the run cannot be read.
     """
     _check_arguments(percentile, skip_steps, layer_batch_rows)
-    steps = read_steps(run)
+    steps, ranks = read_steps(run)
     if len(steps["step"]) == 0:
         raise NoDataError(f"run {run.id} recorded no optimizer step: nothing to recommend from")
     views, empty = select_optimizers(run, steps, optimizer, skip_steps)
     plans = {k: _layer_plan(view, percentile) for k, view in views.items()}
     single = len(np.unique(steps["optimizer"])) == 1
     if with_layers:
-        layer_data = scan_layers(run, plans, single, layer_batch_rows)
+        layer_data = scan_layers(run, plans, single, layer_batch_rows, ranks.rank)
     else:
         layer_data = {k: LayerData() for k in plans}
     # Value clipping's evidence is a few columns of one pass, and compare's `--clip-value auto` needs it
     # without the per-layer statistics: read it whether or not with_layers.
-    max_abs = read_step_max_abs(run, views, single, layer_batch_rows)
+    max_abs = read_step_max_abs(run, views, single, layer_batch_rows, ranks.rank)
     notes = _run_notes(empty)
     return [
-        _recommend_one(run, view, percentile, skip_steps, (layer_data[k], max_abs.get(k)), notes)
+        dataclasses.replace(
+            _recommend_one(run, view, percentile, skip_steps, (layer_data[k], max_abs.get(k)),
+                           [*notes, *rank_notes(ranks.scope(k), ranks.n_ranks, ranks.rank, ranks.spread.get(k))]),
+            norm_scope=ranks.scope(k), n_ranks=ranks.n_ranks)
         for k, view in sorted(views.items())
     ]
 

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from gradscope.errors import RunFormatError
 from gradscope.recommend.model import LayerStats
+from gradscope.recommend.steps import rank_rows
 from gradscope.stats import percentile_of_sorted
 from gradscope.store import Run
 
@@ -175,13 +176,14 @@ def _ordinary_pages_matrix(rows: int, columns: int) -> np.ndarray:
 
 
 def scan_layers(run: Run, plans: dict[int, LayerPlan], single: bool,
-                batch_rows: int = LAYER_BATCH_ROWS) -> dict[int, LayerData]:
+                batch_rows: int = LAYER_BATCH_ROWS, rank: int | None = None) -> dict[int, LayerData]:
     """Stream the layers table once: per-layer norm samples of used steps, all norms of steps of interest.
 
     Args:
         run: the run whose layers table is read.
         plans: per optimizer index, what to keep (see :class:`LayerPlan`).
         single: the run has one optimizer, so the layers' optimizer column need not be read.
+        rank: a job's rank whose rows are read (a single process's table has no ``rank``).
         batch_rows: rows per record batch; bounds memory, never changes the result.
 
     Raises:
@@ -189,7 +191,7 @@ def scan_layers(run: Run, plans: dict[int, LayerPlan], single: bool,
     """
     names: dict[str, int] = {}  # layer name -> id, in order of first appearance (parameter order)
     collectors = {k: _LayerCollector(plan) for k, plan in plans.items()}
-    for step, opt, ids, norm in _layer_batches(run, names, single, batch_rows):
+    for step, opt, ids, norm in _layer_batches(run, names, single, batch_rows, rank):
         for k, collector in collectors.items():
             if opt is None:
                 collector.add(step, ids, norm)
@@ -205,13 +207,14 @@ def scan_layers(run: Run, plans: dict[int, LayerPlan], single: bool,
     return result
 
 
-def _layer_batches(run: Run, names: dict[str, int], single: bool,
-                   batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]]:
+def _layer_batches(run: Run, names: dict[str, int], single: bool, batch_rows: int,
+                   rank: int | None) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]]:
     """(step, optimizer or None, layer id, norm) arrays per record batch, reading only what is needed."""
     columns = ["step", "layer", "norm"] if single else ["step", "optimizer", "layer", "norm"]
     try:
         run.read_table("layers", columns=[])  # reads no data: checks it is a gradscope file of a known schema
         for batch in run.iter_batches("layers", columns, batch_size=batch_rows):
+            batch = rank_rows(batch, rank)  # a job's table: one rank's rows (each holds the combined norms)
             opt = None if single else batch.column("optimizer").to_numpy()
             ids = _layer_ids(batch.column("layer"), names)
             yield batch.column("step").to_numpy(), opt, ids, batch.column("norm").to_numpy(zero_copy_only=False)

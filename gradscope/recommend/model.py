@@ -186,3 +186,7 @@ class Recommendation:
     clip_value: float | None = None  # a clip_grad_value_ threshold, when the run recorded max |g|
     value_clipping: ValueClipping | None = None  # the evidence for clip_value
     closure: Closure | None = None  # set for closure optimizers (LBFGS)
+    # A distributed job: "global" (every rank held the whole gradients, or a single process), "sharded" (the
+    # full model's norms, combined from the ranks' pieces) or "rank-local" (one rank's own gradients only)
+    norm_scope: str = "global"
+    n_ranks: int = 1  # ranks whose rows were read

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from gradscope.recommend.model import ClipRate, Closure, Distribution, NonFinite, Note, ValueClipping, Warmup
 from gradscope.recommend.schedule import lr_evidence
+from gradscope.store import AGREEMENT_TOLERANCE
 
 #: Below this many used steps no percentile is supported: p95 of 2 values is an interpolation
 #: between them, and its "clip rate" is a count of one step.
@@ -111,4 +112,22 @@ def nonfinite_notes(dist: Distribution, nonfinite: NonFinite) -> list[Note]:
         notes.append(Note("nonfinite-steps", (
             f"{steps_text(real)} had a non-finite gradient norm that GradScaler did not skip (first at step "
             f"{nonfinite.first_step}{where}); clipping cannot repair inf/NaN gradients, it turns them into NaN")))
+    return notes
+
+
+def rank_notes(scope: str, n_ranks: int, rank: int | None, spread: float | None) -> list[Note]:
+    """A distributed job's caveats: an optimizer whose norms are one rank's own, and ranks that disagree on
+    norms they should all hold (docs/distributed.md)."""
+    notes = []
+    whose = "this rank's" if rank is None else f"rank {rank}'s"
+    if scope == "rank-local":
+        notes.append(Note("rank-local", (
+            f"the norms are {whose} own gradients, not the global norm: one rank's run read alone, or ranks "
+            f"whose gradients gradscope cannot combine (no DDP or FSDP above them, a Partial DTensor placement); "
+            f"clip_grad_norm_ on every rank would clip each rank by its own norm")))
+    if spread is not None and spread > AGREEMENT_TOLERANCE:
+        notes.append(Note("ranks-disagree", (
+            f"the {n_ranks} ranks' norms of tensors they should all hold whole differ by up to {spread:.2%}: "
+            f"a setup problem (a parameter outside DDP, tensor-parallel ranks fed different batches); "
+            f"the numbers are {whose}")))
     return notes

@@ -7,7 +7,8 @@ but only the columns the analysis uses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -16,19 +17,38 @@ import pyarrow.compute as pc
 
 from gradscope.errors import NoDataError, RunFormatError, UsageError
 from gradscope.stats import NORM_SPIKE, spike_ratios
-from gradscope.store import Run
+from gradscope.store import SCOPES_KEY, Run, rank_disagreement
 
 # A null grad_norm (not NaN) with nonfinite false is a step whose optimizer had no gradient at all (everything under
 # torch.no_grad, a loss that never reached the parameters): not a non-finite step.
-_STEP_COLUMNS = ["step", "optimizer", "grad_norm", "nonfinite", "skipped", "max_norm", "clip_source", "lr"]
+_STEP_COLUMNS = ["step", "optimizer", "grad_norm", "nonfinite", "skipped", "max_norm", "clip_source", "lr", "whole_sq"]
 
 
-def read_steps(run: Run) -> dict[str, np.ndarray]:
-    """The steps columns the analysis uses, as numpy arrays sorted by (optimizer, step)."""
+@dataclass(frozen=True)
+class Ranks:
+    """What the steps table says about the ranks of a distributed job (one rank for a single process)."""
+
+    n_ranks: int = 1
+    # the rank whose rows are analysed (after store.join_ranks, a sharded optimizer's hold the full norms); None: a
+    # table without ranks
+    rank: int | None = None
+    scopes: dict[int, str] = field(default_factory=dict)  # optimizer index -> global | sharded | rank-local
+    spread: dict[int, float] = field(default_factory=dict)  # optimizer index -> ranks' largest relative disagreement
+
+    def scope(self, index: int) -> str:
+        """The optimizer's norm scope; a single process's optimizers are global."""
+        return self.scopes.get(index, "global")
+
+
+def read_steps(run: Run) -> tuple[dict[str, np.ndarray], Ranks]:
+    """The steps columns the analysis uses, as numpy arrays sorted by (optimizer, step), and the ranks they
+    come from. A job's table (with a ``rank`` column) is read for one rank: every rank's row of a step holds
+    the same combined norm, or, for a rank-local optimizer, that rank's own."""
     try:
         table = run.read_table("steps", _STEP_COLUMNS)
     except (OSError, pa.ArrowInvalid) as exc:
         raise RunFormatError(f"{run.path}: steps table unreadable: {exc}") from None
+    table, ranks = _one_rank(run, table)
     out = {name: _floats(table.column(name)) for name in ("grad_norm", "max_norm", "lr")}
     out["step"] = table.column("step").to_numpy().astype(np.int64)
     out["optimizer"] = table.column("optimizer").to_numpy().astype(np.int64)
@@ -39,7 +59,34 @@ def read_steps(run: Run) -> dict[str, np.ndarray]:
     if len(key) and (np.diff(key) < 0).any():  # written in order; sort only if something is not
         order = np.argsort(key, kind="stable")
         out = {name: values[order] for name, values in out.items()}
-    return out
+    return out, ranks
+
+
+def _one_rank(run: Run, table: pa.Table) -> tuple[pa.Table, Ranks]:
+    """``table`` reduced to its lowest rank's rows, and the job's ranks, scopes and disagreement."""
+    if "rank" not in table.column_names:
+        # one rank's own run read alone: a sharded optimizer's norms are then that rank's pieces only
+        scopes = {k: "rank-local" if v == "sharded" else v for k, v in _meta_scopes(run).items()}
+        return table, Ranks(scopes=scopes)
+    raw = (table.schema.metadata or {}).get(SCOPES_KEY)
+    scopes = {int(k): str(v) for k, v in json.loads(raw).items()} if raw else _meta_scopes(run)
+    present = np.unique(table.column("rank").to_numpy())
+    if len(present) == 0:
+        return table, Ranks(scopes=scopes)
+    spread = rank_disagreement(table, scopes) if len(present) > 1 else {}
+    rank = int(present.min())
+    return table.filter(pc.equal(table.column("rank"), rank)), Ranks(len(present), rank, scopes, spread)
+
+
+def rank_rows(batch: pa.RecordBatch, rank: int | None) -> pa.RecordBatch:
+    """A batch of a job's layers table reduced to ``rank``'s rows (a batch without ``rank``: as it is)."""
+    if rank is None or "rank" not in batch.schema.names:
+        return batch
+    return batch.filter(pc.equal(batch.column("rank"), rank))
+
+
+def _meta_scopes(run: Run) -> dict[int, str]:
+    return {o.index: o.norm_scope for o in run.meta.optimizers if o.norm_scope is not None}
 
 
 def _floats(column: pa.ChunkedArray) -> np.ndarray:

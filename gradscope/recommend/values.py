@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from gradscope.errors import RunFormatError
 from gradscope.recommend.model import ValueClipping
-from gradscope.recommend.steps import OptimizerView
+from gradscope.recommend.steps import OptimizerView, rank_rows
 from gradscope.stats import clip_rate, percentile_of_sorted
 from gradscope.store import Run
 
@@ -36,7 +36,7 @@ def value_clipping_in_effect(run: Run) -> bool:
 
 
 def read_step_max_abs(run: Run, views: dict[int, OptimizerView], single: bool,
-                      batch_rows: int) -> dict[int, np.ndarray]:
+                      batch_rows: int, rank: int | None = None) -> dict[int, np.ndarray]:
     """Per optimizer, an array indexed by step: the step's largest ``max_abs`` over its tensors (NaN: none).
 
     Empty when value clipping was not in effect or the run has no ``max_abs`` column.
@@ -50,6 +50,7 @@ def read_step_max_abs(run: Run, views: dict[int, OptimizerView], single: bool,
     columns = ["step", MAX_ABS] if single else ["step", "optimizer", MAX_ABS]
     try:
         for batch in run.iter_batches("layers", columns, batch_size=batch_rows):
+            batch = rank_rows(batch, rank)  # a job's table: one rank's rows
             values = pc.fill_null(pc.cast(batch.column(MAX_ABS), pa.float64()), np.nan).to_numpy()
             known = np.isfinite(values)
             if not known.any():

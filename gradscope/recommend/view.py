@@ -47,6 +47,9 @@ def to_json(recommendations: Sequence[Recommendation]) -> dict[str, Any]:
         body = dataclasses.asdict(rec)
         for key in ("run_id", "run_path", "run_status", "complete", "status_note", "percentile", "skip_steps"):
             body.pop(key)
+        if rec.n_ranks == 1 and rec.norm_scope == "global":  # a single process: the document as it always was
+            body.pop("n_ranks")
+            body.pop("norm_scope")
         per_optimizer.append(body)
     return jsondoc.document(JSON_FORMAT, JSON_SCHEMA_VERSION, {
         "gradscope_version": __version__, "run": run, "percentile": first.percentile,
@@ -103,11 +106,20 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
+#: How each norm scope (docs/distributed.md) is described in the report.
+SCOPE_TEXT = {"global": "global (every rank held the whole gradients)",
+              "sharded": "global, combined from the ranks' shards",
+              "rank-local": "rank-local (one rank's own gradients, not the global norm)"}
+
+
 def blocks(rec: Recommendation) -> list[Block]:
     """Everything the text report shows for one recommendation, in order."""
     out: list[Block] = [Line(f"run {rec.run_id} ({rec.run_status}), optimizer {rec.optimizer_label}", "bold")]
     if rec.status_note:
         out.append(Line(rec.status_note, "bold yellow"))
+    if rec.n_ranks > 1 or rec.norm_scope != "global":
+        ranks = "1 rank" if rec.n_ranks == 1 else f"{rec.n_ranks} ranks"
+        out.append(Line(f"{ranks} read; norms: {SCOPE_TEXT.get(rec.norm_scope, rec.norm_scope)}"))
     out += [
         *_closure_lines(rec), _headline(rec), Line(f"intent: {rec.intent_text}"),
         _distribution_table(rec), _clip_table(rec), *_value_blocks(rec.value_clipping), *_spike_blocks(rec),

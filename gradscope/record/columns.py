@@ -215,6 +215,10 @@ def _columns(rows: list[Row]) -> tuple[dict[str, Any], dict[str, Any]]:
         "nonfinite": _numeric(~np.isfinite(g_raw) & has_grad, bool, pa.bool_()),
         "time_s": _numeric([r.time_s for r in rows], np.float64, pa.float64()),
     }
+    if slot.shard_weights is not None:  # a rank of a sharded optimizer: what the reader combines the ranks by
+        shard_sq, whole_sq = _shard_sums(per, decoded.present, _weights(slot.shard_weights))
+        steps["shard_sq"] = _numeric(shard_sq, np.float64, pa.float64(), has_grad)
+        steps["whole_sq"] = _numeric(whole_sq, np.float64, pa.float64(), has_grad)
     layers = {
         "step": _numeric(np.repeat(step, p), np.int64, pa.int64()),
         "optimizer": _numeric(np.full(n * p, slot.index), np.int16, pa.int16()),
@@ -226,6 +230,20 @@ def _columns(rows: list[Row]) -> tuple[dict[str, Any], dict[str, Any]]:
         "max_abs": _numeric(decoded.max_abs.reshape(-1), np.float32, pa.float32(), decoded.max_abs_set.reshape(-1)),
     }
     return steps, layers
+
+
+@functools.lru_cache(maxsize=64)
+def _weights(shard_weights: tuple[int | None, ...]) -> np.ndarray:
+    """The shard weights as floats, NaN for a whole tensor: made once per optimizer, not per flush."""
+    return np.array([np.nan if w is None else float(w) for w in shard_weights])
+
+
+def _shard_sums(per: np.ndarray, present: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, sum(weight * norm^2) over the sharded columns and sum(norm^2) over the whole ones, from the
+    norms the row already holds (the same device read as grad_norm: no extra device op or host sync)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        sq = np.where(present, per, 0.0) ** 2
+        return sq[:, weights == 1].sum(axis=1), sq[:, np.isnan(weights)].sum(axis=1)  # weights are 1, 0 or NaN
 
 
 def _host_float(value: Any) -> float:

@@ -20,6 +20,8 @@ whose methods never raise into the user's loop (but ``StopRun``).
 from __future__ import annotations
 
 import gc
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -162,6 +164,7 @@ class Hooks:
         originals = Originals(clip_grad.clip_grad_norm_, clip_grad.clip_grad_value_, torch.manual_seed)
         self._patch_backward()
         self._patch_clipping()
+        self._patch_fsdp1_clipping()
         self._patch_grad_scaler()
         self._patch_seed()
         self._patch_zero_grad()
@@ -220,6 +223,29 @@ class Hooks:
             events.clip_grads_with_norm(original_with_norm, params_list(parameters), max_norm, total_norm, args, kwargs)
 
         self._patcher.replace(utils, "clip_grads_with_norm_", disable(clip_grads_with_norm_))
+
+    def _patch_fsdp1_clipping(self) -> None:
+        """FSDP1's ``model.clip_grad_norm_`` method clips without torch's function: noted as the same call.
+
+        Only in a process of a distributed job (torchrun's WORLD_SIZE) or when FSDP is already imported:
+        importing it costs a fraction of a second that a single-process script must not pay.
+        """
+        if "torch.distributed.fsdp" not in sys.modules and os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+            return
+        try:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+        except Exception:  # a torch built without distributed support
+            return
+        events, original = self._events, FullyShardedDataParallel.clip_grad_norm_
+        disable = getattr(torch.compiler, "disable", lambda fn: fn)
+
+        def clip_grad_norm_(module: Any, max_norm: float, *args: Any, **kwargs: Any) -> Any:
+            def run(params: list[torch.Tensor], effective: float, *a: Any, **k: Any) -> Any:
+                return original(module, effective, *a, **k)  # FSDP's own all-reduce: every rank calls it
+
+            return events.clip_grad_norm(run, list(module.parameters()), max_norm, args, kwargs)
+
+        self._patcher.replace(FullyShardedDataParallel, "clip_grad_norm_", disable(clip_grad_norm_))
 
     def _patch_grad_scaler(self) -> None:
         try:

@@ -21,6 +21,7 @@ from gradscope import store
 from gradscope.record.measure import NormPlan, plan_norms
 from gradscope.record.naming import resolve_names
 from gradscope.record.rows import RowBlocks
+from gradscope.record.shards import Columns, columns_of
 
 
 @dataclass
@@ -35,6 +36,8 @@ class Slot:
     steps: int = 0  # records committed so far: the next record's step index
     evaluations: int = 0  # closure calls over the run (closure optimizers such as LBFGS)
     params: list[weakref.ref[torch.Tensor]] = field(default_factory=list, repr=False)  # its latest optimizer's
+    norm_scope: str | None = None  # a rank of a distributed job: how its norms combine (record/shards.py)
+    shard_weights: tuple[int | None, ...] | None = None  # per column, for a sharded optimizer
 
     def held_by_others(self, params: list[torch.Tensor]) -> bool:
         """True while tensors this slot recorded are alive and differ from ``params``: another live
@@ -44,7 +47,8 @@ class Slot:
     def describe(self) -> store.OptimizerMeta:
         """This slot's entry in meta.json's ``optimizers``."""
         return store.OptimizerMeta(self.index, self.cls, tuple(self.names), tuple(tuple(s) for s in self.shapes),
-                                   {name: tuple(other) for name, other in self.aliases.items()}, self.evaluations)
+                                   {name: tuple(other) for name, other in self.aliases.items()}, self.evaluations,
+                                   self.norm_scope, self.shard_weights)
 
 
 @dataclass
@@ -64,13 +68,15 @@ class Layout:
     cols: dict[Any, np.ndarray] = field(default_factory=dict)  # column maps of the general path, made once
     blocks: dict[bool, tuple[np.ndarray, RowBlocks]] = field(default_factory=dict)  # with_loss -> planned rows
     saw_none: bool = False  # a step of this layout had a param without a grad (checked first from then on)
+    # DTensor or FSDP1 flat params: maps the params' grads to the columns (local shards, flat views); None: as they are
+    columns: Columns | None = None
 
     def present_cols(self, present: tuple[int, ...], with_loss: bool) -> np.ndarray:
         """Columns of the general path's values: the params that had a grad, in order, then the loss."""
         key = (present, with_loss)
         found = self.cols.get(key)
         if found is None:
-            found = self.cols[key] = np.array([*present, *([len(self.params)] if with_loss else [])], dtype=np.int64)
+            found = self.cols[key] = np.array([*present, *([len(self.slot.names)] if with_loss else [])], dtype=np.int64)
         return found
 
 
@@ -129,18 +135,24 @@ class LayoutRegistry:
     def _new_layout(self, signature: tuple[Any, ...], params: list[torch.Tensor], group_of: list[tuple[int, int]],
                     cls: str) -> Layout:
         named = resolve_names(params, group_of)
-        key = base = (cls, tuple(named.names))
+        columns = columns_of(params, named.names, named.owners)
+        # The scope and weights are part of the series: a DDP model after an FSDP one with the same names is another
+        key = base = (cls, tuple(columns.names), columns.scope, columns.shard_weights())
         slot, n = self._slots.get(key), 0
         while slot is not None and slot.held_by_others(params):  # same names, other live tensors: its own series
             n += 1
             key = (*base, n)
             slot = self._slots.get(key)
         if slot is None:  # an optimizer re-created with the same params joins the same series
-            slot = Slot(len(self._slots), cls, named.names, named.aliases, [list(p.shape) for p in params])
+            slot = Slot(len(self._slots), cls, columns.names, named.aliases, columns.shapes,
+                        norm_scope=columns.scope, shard_weights=columns.shard_weights())
             self._slots[key] = slot
             self.dirty = True
         slot.params = [weakref.ref(p) for p in params]
-        return Layout(signature, params, slot, {id(p): i for i, p in enumerate(params)}, _plan(params))
+        if columns.identity:
+            return Layout(signature, params, slot, {id(p): i for i, p in enumerate(params)}, _plan(params))
+        local: list[torch.Tensor] = columns.expand(params)  # type: ignore[assignment]  # the column grads' shapes
+        return Layout(signature, params, slot, {id(p): i for i, p in enumerate(params)}, _plan(local), columns=columns)
 
 
 def _plan(params: list[torch.Tensor]) -> NormPlan | None:

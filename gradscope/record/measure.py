@@ -123,10 +123,12 @@ def write_norms(plan: NormPlan, grads: list[torch.Tensor], loss: torch.Tensor | 
         torch.stack(head, out=parts[0])
 
 
-def _local(grad: torch.Tensor) -> torch.Tensor:
-    # DTensor (FSDP2) grads: measure the local shard; profile mode issues no collectives.
-    local = getattr(grad, "_local_tensor", None)
-    return local if isinstance(local, torch.Tensor) else grad
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local piece (FSDP2, tensor parallel), any other tensor as it is. Never ``full_tensor()``:
+    that is a collective, and the recorder issues none (a rank waiting on it alone would hang the job)."""
+    local = getattr(tensor, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else tensor
+
 
 
 @torch.no_grad()  # grads of backward(create_graph=True) require grad: keep no graph to the flush
@@ -142,14 +144,14 @@ def tensor_norms(grads: Sequence[torch.Tensor], ord: float = 2.0) -> list[torch.
     out: list[torch.Tensor | None] = [None] * len(grads)
     dense_by_kind: dict[tuple[torch.device, torch.dtype | None], list[int]] = {}
     for i, grad in enumerate(grads):
-        grad = _local(grad)
+        grad = local_tensor(grad)
         dtype = reduce_dtype({grad.dtype})
         if grad.is_sparse:
             out[i] = torch.linalg.vector_norm(grad.coalesce()._values(), ord, dtype=dtype)
         else:
             dense_by_kind.setdefault((grad.device, dtype), []).append(i)
     for (_, dtype), indices in dense_by_kind.items():
-        norms = torch._foreach_norm([_local(grads[i]) for i in indices], ord, dtype=dtype)
+        norms = torch._foreach_norm([local_tensor(grads[i]) for i in indices], ord, dtype=dtype)
         for i, norm in zip(indices, norms, strict=True):
             out[i] = norm
     return out  # type: ignore[return-value]
@@ -176,5 +178,7 @@ def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     """The factor ``clip_grad_norm_`` multiplies gradients by: ``min(1, max_norm / (total + 1e-6))``.
 
     Written exactly as torch writes it, so that dividing a clipped norm by it recovers the pre-clip norm.
+    A DTensor total (FSDP2's clip_grad_norm_ returns a replicated one, the same on every rank) is read
+    locally: the factor then divides every rank's local norms back to their pre-clip values.
     """
-    return torch.clamp(max_norm / (total_norm.float() + 1e-6), max=1.0)
+    return torch.clamp(max_norm / (local_tensor(total_norm).float() + 1e-6), max=1.0)

@@ -30,12 +30,18 @@ WRAPPER_ATTRS: dict[str, str] = {
 }
 
 
+#: Wrappers whose presence above a parameter says how its gradient is shared across ranks (record/shards.py).
+DISTRIBUTED_WRAPPERS = frozenset({"DistributedDataParallel", "FullyShardedDataParallel"})
+
+
 @dataclass
 class ParamNames:
-    """Canonical name per parameter (in optimizer order) and the other names of tied weights."""
+    """Canonical name per parameter (in optimizer order), the other names of tied weights, and per parameter
+    the distributed wrappers (DDP, FSDP) above it on its canonical path, outermost first."""
 
     names: list[str]
     aliases: dict[str, list[str]] = field(default_factory=dict)
+    owners: list[tuple[nn.Module, ...]] = field(default_factory=list)
 
 
 def _wrapped_attr(module: nn.Module) -> str | None:
@@ -46,20 +52,28 @@ def _wrapped_attr(module: nn.Module) -> str | None:
     return None
 
 
-def _walk(module: nn.Module, prefix: str, seen: set[int]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (clean name, parameter) for every parameter under ``module``, duplicates included."""
+def _is_distributed(module: nn.Module) -> bool:
+    return any(cls.__name__ in DISTRIBUTED_WRAPPERS for cls in type(module).__mro__)
+
+
+def _walk(module: nn.Module, prefix: str, seen: set[int],
+          owners: tuple[nn.Module, ...] = ()) -> Iterator[tuple[str, torch.Tensor, tuple[nn.Module, ...]]]:
+    """Yield (clean name, parameter, distributed wrappers above it) for every parameter under ``module``,
+    duplicates included."""
     if id(module) in seen:  # a module reachable twice (shared submodule): names from the first path
         return
     seen.add(id(module))
+    if _is_distributed(module):
+        owners = (*owners, module)
     for name, param in module._parameters.items():
         if param is not None:
-            yield prefix + name, param
+            yield prefix + name, param, owners
     skip = _wrapped_attr(module)
     for name, child in module._modules.items():
         if child is None:
             continue
         child_prefix = prefix if name == skip else f"{prefix}{name}."
-        yield from _walk(child, child_prefix, seen)
+        yield from _walk(child, child_prefix, seen, owners)
 
 
 def _root_modules() -> list[nn.Module]:
@@ -82,18 +96,22 @@ def resolve_names(params: Sequence[torch.Tensor], group_of: Sequence[tuple[int, 
         parameters) and aliases for tensors reachable under several names (tied embeddings).
     """
     wanted = {id(p) for p in params}
-    by_root: list[tuple[int, dict[int, list[str]]]] = []
+    by_root: list[tuple[int, dict[int, list[str]], dict[int, tuple[nn.Module, ...]]]] = []
     for root in _root_modules():
         found: dict[int, list[str]] = {}
-        for name, param in _walk(root, "", set()):
+        above: dict[int, tuple[nn.Module, ...]] = {}
+        for name, param, owners in _walk(root, "", set()):
             if id(param) in wanted:
                 found.setdefault(id(param), []).append(name)
+                above.setdefault(id(param), owners)
         if found:
-            by_root.append((len(found), found))
+            by_root.append((len(found), found, above))
     by_root.sort(key=lambda item: -item[0])  # stable: equal cover keeps gc order
     result = ParamNames(names=[])
     for param, (group, index) in zip(params, group_of, strict=True):
-        names = next((found[id(param)] for _, found in by_root if id(param) in found), None)
+        names, owners = next(((found[id(param)], above[id(param)]) for _, found, above in by_root
+                              if id(param) in found), (None, ()))
+        result.owners.append(owners)
         if names is None:
             result.names.append(f"param_groups.{group}.{index}")
             continue

@@ -92,7 +92,11 @@ class Row:
     time_s: float = 0.0
 
     def attach(self, key: str, value: torch.Tensor) -> None:
-        """Keep a 0-dim device scalar (a key of MORE_DEFAULTS) with this row."""
+        """Keep a 0-dim device scalar (a key of MORE_DEFAULTS) with this row (a DTensor's local value: the
+        flush concatenates plain tensors)."""
+        local = getattr(value, "_local_tensor", None)
+        if isinstance(local, torch.Tensor):
+            value = local
         if self.more is None:
             self.more = {}
         self.more[key] = value

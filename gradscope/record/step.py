@@ -73,7 +73,8 @@ class StepReader:
         params = groups[0]["params"]
         # saw_none: a param without a grad (often a frozen one, every step) sends the step to the general
         # path, which reads the grads once; trying here first would read them and look for the None twice.
-        if layout is None or params is not layout.sole or len(params) != len(layout.params) or layout.saw_none:
+        if (layout is None or params is not layout.sole or len(params) != len(layout.params) or layout.saw_none
+                or layout.columns is not None):  # DTensor or flat params: the general path maps them to columns
             return None
         loss = self._loss
         # layout.params, as the general path reads: the same tensors unless an entry was swapped in place
@@ -150,6 +151,10 @@ class StepReader:
         peaks = clips.max_abs_of(layout, calls) if calls else None  # the script clipped by value
         if calls and self._config.disable_script_clip:
             calls = []  # the calls measured but did not scale: nothing to undo
+        if layout.columns is not None:  # DTensor or FSDP1 flat params: local shards, per-parameter views
+            n_present = sum(g is not None for g in grads)
+            grads = layout.columns.expand(grads)
+            calls = _column_calls(calls, n_present, grads, layout.columns.one_to_one)
         row = self._read_with_calls(layout, grads, loss, calls)
         if peaks is not None:
             row.max_abs = peaks
@@ -219,6 +224,20 @@ class StepReader:
             row.attach("found_inf", found_inf.reshape(()).float())
         if self._injecting and not skipped:
             self._injector.clip(layout.params, row.slot.index, row, layout)
+
+
+def _column_calls(calls: list[ClipCall], n_present: int, columns: list[torch.Tensor | None],
+                  one_to_one: bool) -> list[ClipCall]:
+    """The clip calls as the column grads see them: one clip over every param is one factor over every column;
+    partial calls map param by param when each param is one column. Partial calls over FSDP1 flat params are
+    not undone (the rows then hold the clipped norms; docs/distributed.md)."""
+    if not calls or one_to_one:
+        return calls
+    if one_clip_over_all(calls, n_present):
+        call = calls[0]
+        ids = list(range(sum(c is not None for c in columns)))  # only their count is read on this path
+        return [ClipCall(ids, call.function, call.threshold, coef=call.coef)]
+    return []
 
 
 def _known_uncovered(plan: NormPlan, grads: list[torch.Tensor | None]) -> bool:

@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from gradscope.errors import GradscopeError, RunFormatError, RunNotFoundError
 from gradscope.store import combine, tables
+from gradscope.store.combine import AGREEMENT_TOLERANCE, SCOPES_KEY, job_scopes, join_ranks, rank_disagreement
 from gradscope.store.job import (
     RankRun,
     job_meta,
@@ -305,6 +306,7 @@ def count_steps(run_dir: Path) -> int:
 
 
 __all__ = [
+    "AGREEMENT_TOLERANCE", "SCOPES_KEY", "job_scopes", "join_ranks", "rank_disagreement",
     "LAYERS_SCHEMA", "SCHEMA_VERSION", "STEPS_SCHEMA", "TABLES", "Clipping", "GradscopeError", "OptimizerMeta",
     "Launch", "Merged", "Provenance", "RankRun", "Run", "RunMeta", "RunWriter", "StepCounter", "claim_job_dir", "count_steps",
     "create_rank_dir", "create_run_dir", "list_rank_dirs", "list_runs", "rank_dir_name",

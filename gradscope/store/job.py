@@ -133,11 +133,14 @@ def job_meta(job: RunMeta, ranks: Sequence[RankRun]) -> RunMeta:
 
 
 def read_job_table(ranks: Sequence[RankRun], kind: str, columns: Sequence[str] | None = None) -> pa.Table:
-    """Every rank's ``kind`` rows joined (``rank`` column, sharded norms combined); only ``columns`` when
-    given (``rank`` is one of the columns a caller may ask for)."""
+    """Every rank's ``kind`` rows joined (``rank`` column, sharded norms combined); only ``columns`` (and
+    ``rank``) when given."""
     per_rank = [(r.rank, r.meta, r.read_table(kind)) for r in ranks]
     joined = combine.join_ranks(kind, per_rank) if per_rank else _empty(kind)
-    return joined if columns is None else joined.select(list(columns))
+    if columns is None:
+        return joined
+    # a job's table always has ``rank`` (readers tell a job by it); select keeps the scopes' schema metadata
+    return joined.select([*columns, *([] if "rank" in columns else ["rank"])])
 
 
 def _empty(kind: str) -> pa.Table:

@@ -23,8 +23,9 @@ from gradscope.errors import RunFormatError
 #: Bump on any change to the tables' columns or to meta.json's keys, and say what changed here.
 #: Additive changes that every reader of the version reads (a key or column that may be absent) keep it.
 #: 1: first release; since then, optional: provenance executable/launcher, clipping's injected_max_norms,
-#: injected_clip_value, script_clip_value and injection, optimizers' n_evaluations, the layers' max_abs column, meta's incomplete,
-#: a distributed job's rank, local_rank, world_size and launch.
+#: injected_clip_value, script_clip_value and injection, optimizers' n_evaluations, norm_scope and shard_weights, the
+#: layers' max_abs column, the steps' shard_sq and whole_sq columns, meta's incomplete, a distributed job's rank,
+#: local_rank, world_size and launch.
 SCHEMA_VERSION = 1
 FORMAT_NAME = "gradscope-run"
 #: What meta.json's ``status`` may say. A reader adds ``killed`` (see ``store.Run.status``).
@@ -83,6 +84,10 @@ ALIASES = Kind("an object of lists of strings",
                lambda v: {str(k): STRINGS.convert(x) for k, x in v.items()})
 ANY = Kind("anything", lambda v: True)
 THRESHOLDS = list_of(optional(NUMBER), "a list of numbers or nulls")
+#: How an optimizer's norms combine across the ranks of a job (see docs/distributed.md).
+NORM_SCOPES = ("global", "sharded", "rank-local")
+NORM_SCOPE = Kind(f"one of {', '.join(NORM_SCOPES)}", lambda v: v in NORM_SCOPES)
+SHARD_WEIGHTS = list_of(optional(Kind("0 or 1", lambda v: _is_int(v) and v in (0, 1))), "a list of 0, 1 or null")
 _REQUIRED: Any = object()
 
 
@@ -190,6 +195,11 @@ class OptimizerMeta:
     shapes: tuple[tuple[int, ...], ...] = ()
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # name -> other names of the same tensor
     n_evaluations: int = 0  # closure calls over the run (LBFGS re-evaluates in its line search); 0: no closure
+    # A rank of a distributed job: "global" (every rank holds the whole gradients), "sharded" (combine the ranks'
+    # pieces by shard_weights) or "rank-local" (no combination is possible). None: a single-process run (global).
+    norm_scope: str | None = None
+    # Aligned with names: 1 = this rank's piece of a sharded tensor counts, 0 = a duplicate piece, None = whole.
+    shard_weights: tuple[int | None, ...] | None = None
 
     @property
     def n_tensors(self) -> int:
@@ -202,13 +212,16 @@ class OptimizerMeta:
         take = fields.take
         take("n_tensors", INT, 0)  # checked, not kept: it is len(names)
         return cls(take("index", INT), take("class", STR), take("names", STRINGS, ()),
-                   take("shapes", SHAPES, ()), take("aliases", ALIASES, {}), take("n_evaluations", INT, 0))
+                   take("shapes", SHAPES, ()), take("aliases", ALIASES, {}), take("n_evaluations", INT, 0),
+                   take("norm_scope", optional(NORM_SCOPE), None), take("shard_weights", optional(SHARD_WEIGHTS), None))
 
     def to_json(self) -> dict[str, Any]:
         """The entry of meta.json's ``optimizers`` list."""
         return {"index": self.index, "class": self.class_name, "n_tensors": self.n_tensors, "names": list(self.names),
                 "shapes": _plain(self.shapes), "aliases": {k: list(v) for k, v in self.aliases.items()},
-                **({"n_evaluations": self.n_evaluations} if self.n_evaluations else {})}
+                **({"n_evaluations": self.n_evaluations} if self.n_evaluations else {}),
+                **({"norm_scope": self.norm_scope} if self.norm_scope is not None else {}),
+                **({"shard_weights": list(self.shard_weights)} if self.shard_weights is not None else {})}
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,11 @@ STEPS_SCHEMA = pa.schema(
         ("skipped", pa.bool_()),  # GradScaler found inf/NaN and skipped the update
         ("nonfinite", pa.bool_()),  # grad_norm is inf or NaN
         ("time_s", pa.float64()),  # seconds since the run started, at the end of the step
+        # A rank of a sharded optimizer (docs/distributed.md): the sum over this rank's pieces of sharded tensors
+        # of weight * norm^2, and the sum over whole tensors of norm^2; null otherwise. Added after the first
+        # release: older files read them as null.
+        ("shard_sq", pa.float64()),
+        ("whole_sq", pa.float64()),
     ]
 )
 
@@ -61,7 +66,7 @@ LAYERS_SCHEMA = pa.schema(
 
 TABLES = {"steps": STEPS_SCHEMA, "layers": LAYERS_SCHEMA}
 #: Columns added since the first release: a writer may leave them out, a reader of an older file gets nulls.
-OPTIONAL_COLUMNS = frozenset({"max_abs"})
+OPTIONAL_COLUMNS = frozenset({"max_abs", "shard_sq", "whole_sq"})
 #: The part files' schemas: the final ones, with ``layer`` as the dictionary the recorder builds
 #: (what a reader asking for ``layer`` gets from the final file too: see :func:`read_final`).
 LAYER_DICT = pa.dictionary(pa.int32(), pa.string())
