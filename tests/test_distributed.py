@@ -1,5 +1,5 @@
-"""Sharded models on 2 CPU ranks (gloo): each rank records its own run with no collective, and the runs
-joined by ``store.combine.join_ranks`` give the full model's norms, as an unsharded replica computes them.
+"""Sharded models on 2 CPU ranks (gloo): each rank records its own sub-run with no collective, and the job's
+reader (``store.combine.join_ranks``) gives the full model's norms, as an unsharded replica computes them.
 
 One torchrun launch (tests/scripts/dist_shard.py) trains five cases one after the other, one optimizer
 each: FSDP2 (the script clips with clip_grad_norm_, which returns a DTensor), FSDP1 with flat parameters
@@ -26,16 +26,18 @@ REL = 1e-4
 
 
 class Job:
-    """The ranks' runs of one torchrun launch, joined, and the fixture's truth."""
+    """One torchrun launch recorded as one job run, read through the job reader, and the fixture's truth."""
 
     def __init__(self, runs_dir: Path, stdout: str, cases: tuple[str, ...] = CASES) -> None:
         self.refs = parse_refs(stdout)
         pids = {r["pid"]: r["rank"] for r in self.refs if r["case"] == "rank"}
-        runs = [gradscope.load_run(path) for path in sorted(runs_dir.iterdir()) if path.name != "latest"]
-        self.per_rank = sorted(((pids[run.meta.pid], run.meta, run) for run in runs), key=lambda item: item[0])
+        self.run = gradscope.load_run(runs_dir=runs_dir)
+        assert self.run.world_size == len(pids)
+        assert all(pids[r.meta.pid] == r.rank == r.meta.rank for r in self.run.ranks)  # the recorded rank is right
+        self.per_rank = [(r.rank, r.meta, r) for r in self.run.ranks]
         self.metas = [meta for _, meta, _ in self.per_rank]
-        self.steps = join_ranks("steps", [(r, m, run.read_table("steps")) for r, m, run in self.per_rank])
-        self.layers = join_ranks("layers", [(r, m, run.read_table("layers")) for r, m, run in self.per_rank])
+        self.steps = self.run.read_table("steps")
+        self.layers = self.run.read_table("layers")
         # the cases' optimizers in the order they first stepped, as slots are numbered
         self.index = {case: i for i, case in enumerate(cases)}
 
@@ -44,7 +46,7 @@ class Job:
 
 
 def launch(tmp_path_factory: pytest.TempPathFactory, nproc: int, cases: tuple[str, ...]) -> Job:
-    """``torchrun --nproc-per-node NPROC -m gradscope profile dist_shard.py CASES``: each rank its own run."""
+    """``torchrun --nproc-per-node NPROC -m gradscope profile dist_shard.py CASES``: one job run."""
     runs_dir = tmp_path_factory.mktemp("dist") / "runs"
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
             "-m", "gradscope", "profile", "--runs-dir", str(runs_dir), "dist_shard.py", *cases]
@@ -130,26 +132,10 @@ def test_replicated_values_agree_across_ranks(job: Job) -> None:
     assert max(spread.values()) <= AGREEMENT_TOLERANCE
 
 
-class JobRun(gradscope.Run):
-    """Rank 0's run read as the job's reader reads a job: every rank's tables through join_ranks."""
-
-    job: Job
-
-    def read_table(self, kind: str, columns: Any = None) -> Any:
-        table = join_ranks(kind, [(r, m, run.read_table(kind)) for r, m, run in self.job.per_rank])
-        return table if columns is None else table.select([*columns, "rank"])
-
-    def iter_batches(self, kind: str, columns: Any = None, batch_size: int = 1 << 20) -> Any:
-        return iter(self.read_table(kind, columns).to_batches(max_chunksize=batch_size))
-
-
 def test_recommend_reads_a_job_once_per_step(job: Job) -> None:
     from gradscope.recommend import recommend
 
-    first = job.per_rank[0][2]
-    run = JobRun(path=first.path, meta=first.meta, compacted=first.compacted, parts=first.parts)
-    run.job = job
-    recs = {rec.optimizer: rec for rec in recommend(run)}
+    recs = {rec.optimizer: rec for rec in recommend(job.run)}
     for case in CASES:
         rec = recs[job.index[case]]
         assert (rec.n_ranks, rec.norm_scope) == (2, SCOPES[case])
@@ -187,7 +173,7 @@ def test_a_step_one_rank_lacks_is_not_combined(job: Job) -> None:
 def test_one_ranks_run_read_alone_is_rank_local(job: Job) -> None:
     from gradscope.recommend import recommend
 
-    recs = {rec.optimizer: rec for rec in recommend(job.per_rank[1][2], with_layers=False)}
+    recs = {rec.optimizer: rec for rec in recommend(gradscope.load_run(job.per_rank[1][2].path), with_layers=False)}
     for case, scope in SCOPES.items():
         rec = recs[job.index[case]]
         assert rec.norm_scope == ("rank-local" if scope == "sharded" else "global")
