@@ -99,21 +99,25 @@ def _open(options: ProfileOptions, target: runner.Target) -> tuple[Any, Path]:
     root = store.runs_root(options.runs_dir)
     label = options.label or Path(options.target).stem.replace(".", "_")
     provenance = _provenance(options, target)
+    if not job.is_torchrun_worker():
+        run_dir = store.create_run_dir(root, label)  # an unwritable runs directory fails here, before torch
 
-    from gradscope.record.recorder import Recorder  # torch is imported here, after validation
+        from gradscope.record.recorder import Recorder  # torch is imported here, after validation
 
-    if job.is_torchrun_worker():
-        given = job.JobEnv.from_environ()
-        if given is not None:
-            return Recorder(job_dir=given.run_dir, label=label, config=options.recording), given.run_dir
-        rank0 = os.environ.get("RANK") == "0"
-        options.quiet = options.quiet or not rank0  # one rank speaks for the job
-        run_dir, _ = store.claim_job_dir(root, label, job.job_key(), lambda d: _write_job_meta(d, label, provenance))
-        return Recorder(job_dir=run_dir, label=label, config=options.recording,
-                        latest_root=root if rank0 else None), run_dir
-    run_dir = store.create_run_dir(root, label)
-    # latest moves to this run at its first written step (an empty run, e.g. `train.py --help`, never takes it)
-    return Recorder(run_dir, label=label, config=options.recording, provenance=provenance, latest_root=root), run_dir
+        # latest moves to this run at its first written step (an empty run, e.g. `train.py --help`, never takes it)
+        return Recorder(run_dir, label=label, config=options.recording, provenance=provenance,
+                        latest_root=root), run_dir
+
+    from gradscope.record.recorder import Recorder
+
+    given = job.JobEnv.from_environ()
+    if given is not None:
+        return Recorder(job_dir=given.run_dir, label=label, config=options.recording), given.run_dir
+    rank0 = os.environ.get("RANK") == "0"
+    options.quiet = options.quiet or not rank0  # one rank speaks for the job
+    run_dir, _ = store.claim_job_dir(root, label, job.job_key(), lambda d: _write_job_meta(d, label, provenance))
+    return Recorder(job_dir=run_dir, label=label, config=options.recording,
+                    latest_root=root if rank0 else None), run_dir
 
 
 def _write_job_meta(run_dir: Path, label: str, provenance: store.Provenance) -> None:
