@@ -343,6 +343,30 @@ def compare(
 MAX_SEEDS = 1000  # compare --seeds: more is a typo, not a plan
 
 
+# --- report and export: see gradscope/report/ and gradscope/export.py --------------------------------
+PathOpt = Annotated[Path | None, typer.Option(show_default=False)]
+
+
+@app.command()
+def report(run: RunArg = None, runs_dir: RunsDirOpt = None,
+           output: Annotated[Path | None, typer.Option("-o", "--output", show_default=False,
+                                                       help="HTML file to write (default: report.html in the run).")] = None,
+           compare: Annotated[list[Path] | None, typer.Option(show_default=False, help="Also a compare written "
+                                                              "with --out DIR elsewhere; repeatable.")] = None) -> None:
+    """Write one self-contained HTML page for a run and its compares. Exit codes: 0 ok, 1 no such run or
+    not writable, 2 bad option, 3 no usable steps (docs/report.md)."""
+    from gradscope.report import report_command
+    report_command(run, runs_dir, output, compare or [])
+
+
+@app.command()
+def export(run: RunArg = None, runs_dir: RunsDirOpt = None, tensorboard: PathOpt = None, csv: PathOpt = None) -> None:
+    """Export a run: --tensorboard DIR (scalars, needs gradscope[tensorboard]) and/or --csv DIR (the tables).
+    Exit codes: 0 ok, 1 no such run, not writable or no tensorboard, 2 bad option (docs/report.md)."""
+    from gradscope.export import export_command
+    export_command(run, runs_dir, tensorboard, csv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script and ``python -m gradscope``; returns the exit code.
 
