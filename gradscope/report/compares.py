@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 COMPARE_FILE = "compare.json"
 COMPARE_FORMAT = "gradscope-compare"
+#: What the page says under each compare chart.
+CHART_NOTE = ("loss: thin line the mean over seeds, band the seeds' min to max, bold compare's trailing mean "
+              "(the final loss is its last value); norm: the median over seeds, each arm's threshold dashed")
 
 
 @dataclass
@@ -145,10 +148,8 @@ def compare_chart(data: CompareData, k: int) -> Figure:
             if _all_positive(ax):
                 ax.set_yscale("log")
     name = data.names.get(k, f"optimizer {k}")
-    loss_ax.set(ylabel="loss", title=f"{name}: loss per arm (line: mean over seeds, band: the seeds' min to max, "
-                                     "bold: compare's trailing mean)")
-    norm_ax.set(xlabel="optimizer step", ylabel="pre-clip norm", title=f"{name}: gradient norm per arm "
-                                                                       "(median over seeds), threshold dashed")
+    loss_ax.set(ylabel="loss", title=f"{name}: loss per arm")
+    norm_ax.set(xlabel="optimizer step", ylabel="pre-clip norm", title=f"{name}: gradient norm per arm")
     for ax in (loss_ax, norm_ax):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")

@@ -21,7 +21,7 @@ from gradscope.errors import GradscopeError
 from gradscope.recommend import DEFAULT_PERCENTILE, Recommendation, recommend
 from gradscope.recommend.view import blocks
 from gradscope.report import charts, page
-from gradscope.report.compares import CompareData, compare_chart, find_compares
+from gradscope.report.compares import CHART_NOTE, CompareData, compare_chart, find_compares
 from gradscope.report.data import OptimizerSeries, binned, read_series
 from gradscope.report.heatmap import HeatMap, heat_maps
 from gradscope.store import Run
@@ -80,6 +80,7 @@ def build_page(run: Run, compares: Sequence[CompareData], percentile: float = DE
         maps = heat.result()
     body = [_optimizer_section(run, rec, series[rec.optimizer], maps.get(rec.optimizer)) for rec in recs]
     body += [_compare_section(data, index) for index, data in enumerate(compares)]
+    body.append(page.paragraph(f"written by gradscope {__version__}: one self-contained file, it loads nothing"))
     links = [(f"optimizer-{rec.optimizer}", f"optimizer {rec.optimizer_label}") for rec in recs]
     links += [(f"compare-{i}", f"compare {d.path.name}") for i, d in enumerate(compares)]
     return page.document(f"gradscope report: {run.id}", _header(run, recs, links), body)
@@ -145,7 +146,7 @@ def _compare_section(data: CompareData, index: int) -> str:
     if data.missing:
         parts.append(page.paragraph(f"runs no longer there (not drawn): {', '.join(data.missing)}"))
     for k, name in data.names.items():
-        parts += [page.heading(name), page.image(charts.data_uri(compare_chart(data, k)), f"compare, {name}"),
+        parts += [page.heading(name), page.image(charts.data_uri(compare_chart(data, k)), f"compare, {name}", CHART_NOTE),
                   _metrics_table(doc, k)]
     return page.section(f"compare-{index}", f"compare {data.path.name}", parts)
 
