@@ -164,3 +164,31 @@ def test_export_without_tensorboard_names_the_extra(reported: dict[str, Any]) ->
     proc = subprocess.run([sys.executable, "-c", code], env=clean_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr == "gradscope: --tensorboard needs the tensorboard package: pip install 'gradscope[tensorboard]'\n"
+
+
+def test_heat_map_bins_hold_each_layers_max_and_median_over_their_steps(tmp_path: Path) -> None:
+    """A run written through the store API: 2,500 steps x 3 layers, streamed in batches of 1,000 rows."""
+    import pyarrow as pa
+
+    from gradscope import store
+    from gradscope.report.data import binned
+    from gradscope.report.heatmap import heat_maps
+
+    n, names = 2500, ["a.weight", "b.weight", "c.bias"]
+    norms = np.random.default_rng(0).lognormal(0.0, 1.0, (n, 3)).astype(np.float32)
+    norms[7, 1] = np.nan  # a layer without a gradient at one step
+    run_dir = store.create_run_dir(tmp_path, "heat")
+    store.write_meta(run_dir, store.RunMeta(status="complete", optimizers=(store.OptimizerMeta(0, "SGD", tuple(names)),)))
+    writer = store.RunWriter(run_dir)
+    steps = np.arange(n, dtype=np.int64)
+    layer = pa.DictionaryArray.from_arrays(pa.array(np.tile(np.arange(3, dtype=np.int32), n)), pa.array(names))
+    writer.write_part("layers", {"step": np.repeat(steps, 3), "optimizer": np.zeros(3 * n, np.int16),
+                                 "layer": layer.cast(pa.string()), "norm": norms.reshape(-1)})
+    writer.compact()
+    heat = heat_maps(store.load_run(run_dir), {0: (0, n - 1)}, max_bins=10, batch_rows=1000)[0]
+    assert heat.layers == names and heat.width == 250 and heat.max.shape == (3, 10)
+    blocks = norms.T.reshape(3, 10, 250)
+    assert np.array_equal(heat.max, np.nanmax(blocks, axis=2))
+    assert np.allclose(heat.median, np.nanmedian(blocks, axis=2))
+    line = binned(steps, norms[:, 0], max_points=100)
+    assert line.width == 25 and np.array_equal(line.max, norms[:, 0].reshape(100, 25).max(axis=1))

@@ -104,6 +104,44 @@ class _Bins:
         return HeatMap(optimizer, names, self.first_step, self.width, top, mid)
 
 
+class HeatMaps:
+    """The heat maps of several optimizers, fed record batches of the layers table one at a time.
+
+    A batch holds the columns ``step``, ``layer`` and ``norm``, and ``optimizer`` unless the run has one
+    optimizer. :func:`heat_maps` feeds it from a pass of its own; the report feeds it the batches of
+    recommend's pass instead, so the layers table is read once.
+    """
+
+    def __init__(self, run: Run, step_ranges: dict[int, tuple[int, int]], max_bins: int = MAX_BINS) -> None:
+        self.bins = {}
+        for k, (first, last) in step_ranges.items():
+            width = max(1, -(-(last - first + 1) // max_bins))
+            names = next((o.names for o in run.meta.optimizers if o.index == k), ())
+            self.bins[k] = _Bins(first, width, -(-(last - first + 1) // width),
+                                 {n: i for i, n in enumerate(dict.fromkeys(names))})
+        self.fed = False
+
+    def accepts(self, columns: list[str]) -> bool:
+        """Whether batches of these columns carry what the heat maps need."""
+        return {"step", "layer", "norm"} <= set(columns) and ("optimizer" in columns or len(self.bins) == 1)
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        """Add one record batch (see the class)."""
+        self.fed = True
+        names = batch.schema.names
+        for k, b in self.bins.items():
+            rows = batch.filter(pc.equal(batch.column("optimizer"), k)) if "optimizer" in names else batch
+            if rows.num_rows == 0:
+                continue
+            norm = rows.column("norm").to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+            b.add(rows.column("step").to_numpy(zero_copy_only=False), _layer_ids(rows.column("layer"), b.layer_ids),
+                  norm)
+
+    def finish(self) -> dict[int, HeatMap]:
+        """The heat maps, one per optimizer."""
+        return {k: b.finish(k) for k, b in self.bins.items()}
+
+
 def heat_maps(run: Run, step_ranges: dict[int, tuple[int, int]], max_bins: int = MAX_BINS,
               batch_rows: int = BATCH_ROWS) -> dict[int, HeatMap]:
     """One :class:`HeatMap` per optimizer of ``step_ranges`` (first and last step), from one pass.
@@ -111,27 +149,12 @@ def heat_maps(run: Run, step_ranges: dict[int, tuple[int, int]], max_bins: int =
     Rows are the layers in the optimizer's parameter order (meta.json), then any other layer in
     the order first seen.
     """
-    bins = {}
-    for k, (first, last) in step_ranges.items():
-        width = max(1, -(-(last - first + 1) // max_bins))
-        names = next((o.names for o in run.meta.optimizers if o.index == k), ())
-        bins[k] = _Bins(first, width, -(-(last - first + 1) // width), {n: i for i, n in enumerate(dict.fromkeys(names))})
-    single = len(run.meta.optimizers) <= 1 and len(bins) == 1
-    columns = ["step", "layer", "norm"] if single else ["step", "layer", "norm", "optimizer"]
-    for batch in run.iter_batches("layers", columns, batch_rows):
-        _add_batch(batch, bins, single)
-    return {k: b.finish(k) for k, b in bins.items()}
-
-
-def _add_batch(batch: pa.RecordBatch, bins: dict[int, _Bins], single: bool) -> None:
-    """Columns step, layer, norm (and optimizer unless the run has one optimizer: one column less to read)."""
-    for k, b in bins.items():
-        rows = batch if single else batch.filter(pc.equal(batch.column(3), k))
-        if rows.num_rows == 0:
-            continue
-        step = rows.column(0).to_numpy(zero_copy_only=False)
-        norm = rows.column(2).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-        b.add(step, _layer_ids(rows.column(1), b.layer_ids), norm)
+    maps = HeatMaps(run, step_ranges, max_bins)
+    single = len(run.meta.optimizers) <= 1 and len(step_ranges) == 1  # one column less to read
+    for batch in run.iter_batches("layers", ["step", "layer", "norm"] if single else
+                                  ["step", "optimizer", "layer", "norm"], batch_rows):
+        maps.add(batch)
+    return maps.finish()
 
 
 def _layer_ids(column: pa.Array, ids: dict[str, int]) -> np.ndarray:

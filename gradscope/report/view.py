@@ -2,19 +2,21 @@
 
 The recommendation is :func:`gradscope.recommend.recommend`'s, rendered from the same blocks as
 the terminal report (``recommend.view.blocks``), so the page and ``gradscope recommend`` never
-disagree. The layers table is read twice, both times streamed: once by recommend (per-layer
-statistics, the layers behind spikes) and once for the heat map; the heat map's pass runs in a
-worker thread beside recommend's (both spend their time in pyarrow and numpy, which release the GIL).
+disagree. The layers table, the large one, is read once and streamed: the batches of recommend's
+own pass (per-layer statistics, the layers behind spikes) also feed the heat map (:class:`FeedingRun`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, fields
 from html import escape
 from pathlib import Path
+
+import pyarrow as pa
 
 from gradscope import __version__
 from gradscope.errors import GradscopeError
@@ -23,10 +25,11 @@ from gradscope.recommend.view import blocks
 from gradscope.report import charts, page
 from gradscope.report.compares import CHART_NOTE, CompareData, compare_chart, find_compares
 from gradscope.report.data import OptimizerSeries, binned, read_series
-from gradscope.report.heatmap import HeatMap, heat_maps
+from gradscope.report.heatmap import HeatMap, HeatMaps, heat_maps
 from gradscope.store import Run
 
 REPORT_NAME = "report.html"
+FEED_AHEAD = 2  # layer batches that may wait for the heat map's worker thread
 METRICS_SHOWN = ("final_loss", "best_loss", "volatility", "loss_spikes", "norm_spikes", "nonfinite", "clipped_fraction")
 
 
@@ -74,16 +77,52 @@ def build_page(run: Run, compares: Sequence[CompareData], percentile: float = DE
     """The report's HTML for ``run`` and ``compares``."""
     series = read_series(run)
     ranges = {k: (int(s.step[0]), int(s.step[-1])) for k, s in series.items() if len(s.step)}
-    with ThreadPoolExecutor(1) as pool:  # the heat map's pass over the layers beside recommend's
-        heat = pool.submit(heat_maps, run, ranges)
-        recs = recommend(run, percentile=percentile, skip_steps=skip_steps)
-        maps = heat.result()
+    feeding = FeedingRun(**{f.name: getattr(run, f.name) for f in fields(run)})
+    feeding.feed = HeatMaps(run, ranges)
+    recs = recommend(feeding, percentile=percentile, skip_steps=skip_steps)
+    maps = feeding.feed.finish() if feeding.feed.fed else heat_maps(run, ranges)  # recommend read no layers: a pass
     body = [_optimizer_section(run, rec, series[rec.optimizer], maps.get(rec.optimizer)) for rec in recs]
     body += [_compare_section(data, index) for index, data in enumerate(compares)]
     body.append(page.paragraph(f"written by gradscope {__version__}: one self-contained file, it loads nothing"))
     links = [(f"optimizer-{rec.optimizer}", f"optimizer {rec.optimizer_label}") for rec in recs]
     links += [(f"compare-{i}", f"compare {d.path.name}") for i, d in enumerate(compares)]
     return page.document(f"gradscope report: {run.id}", _header(run, recs, links), body)
+
+
+class FeedingRun(Run):
+    """The run as recommend reads it, with the batches of its pass over the layers fed to the heat maps too.
+
+    Only the first pass that carries what the heat maps need is fed (value clipping's pass reads other
+    columns); when recommend reads no layers at all, the report makes a pass of its own.
+    """
+
+    feed: HeatMaps | None = None
+
+    def iter_batches(self, kind: str, columns: Sequence[str] | None = None,
+                     batch_size: int = 1 << 20) -> Iterator[pa.RecordBatch]:
+        """:meth:`Run.iter_batches`, each batch of the layers pass also given to :attr:`feed`."""
+        batches = super().iter_batches(kind, columns, batch_size)
+        feed = self.feed
+        if kind != "layers" or feed is None or feed.fed or not feed.accepts(list(columns or ())):
+            return batches
+        return _fed(batches, feed)
+
+
+def _fed(batches: Iterator[pa.RecordBatch], feed: HeatMaps) -> Iterator[pa.RecordBatch]:
+    """The batches, each also added to ``feed`` in a worker thread, in order, while recommend works on the next.
+
+    Both sides spend most of their time in pyarrow and numpy, which release the GIL: on two cores the
+    heat map costs little wall time. At most :data:`FEED_AHEAD` batches wait for the worker (bounded memory).
+    """
+    with ThreadPoolExecutor(1) as worker:  # one worker: the batches are added in step order
+        pending: deque[Future[None]] = deque()
+        for batch in batches:
+            pending.append(worker.submit(feed.add, batch))
+            while len(pending) > FEED_AHEAD:
+                pending.popleft().result()  # re-raises a failure of the heat map here
+            yield batch
+        for done in pending:
+            done.result()
 
 
 def _header(run: Run, recs: Sequence[Recommendation], links: list[tuple[str, str]]) -> str:
