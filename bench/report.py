@@ -22,21 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_recommend import build_run
-
-from gradscope import store
+from bench_recommend import build_run, find_run, size_arguments
 
 TARGET_SECONDS = 15.0
 TARGET_MB = 5.0
-
-
-def find_run(root: Path, n_steps: int, n_layers: int) -> Path | None:
-    """A synthetic run of this size already built under ``root`` (``--keep``), or None."""
-    for run_dir in store.list_runs(root):
-        meta = store.read_meta(run_dir)
-        if meta.n_steps == n_steps and meta.optimizers and len(meta.optimizers[0].names) == n_layers:
-            return run_dir
-    return None
 
 
 def time_report(run_dir: Path, out: Path) -> tuple[float, float, float, int]:
@@ -54,11 +43,7 @@ def time_report(run_dir: Path, out: Path) -> tuple[float, float, float, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: see the module docstring. Exits 1 when the report failed."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1_000_000, help="optimizer steps in the synthetic run")
-    parser.add_argument("--layers", type=int, default=100, help="layers (parameter tensors) per step")
-    parser.add_argument("--keep", type=Path, default=None, help="build the run under this directory and reuse it")
-    args = parser.parse_args(argv)
+    args = size_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="gradscope-bench-report-") as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
