@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gradscope import plots
-from gradscope.report.data import Binned, OptimizerSeries, binned, clip_rate_curve, thinned
+from gradscope.report.data import Binned, OptimizerSeries, binned, clip_rate_curve, thinned, thinned_max
 from gradscope.report.heatmap import HeatMap
 
 if TYPE_CHECKING:
@@ -74,9 +74,9 @@ def norm_chart(s: OptimizerSeries, rec: Recommendation) -> Figure:
         _thresholds(ax, rec)
         clipped = s.clipped_steps(rec.max_norm)
         if len(clipped):
-            marks = thinned(clipped)
-            ax.scatter(marks, s.grad_norm[np.searchsorted(s.step, marks)], s=9, color="tab:red", zorder=3,
-                       label=f"clipped at max_norm ({len(clipped):,} steps" + (", one mark per bin)" if
+            marks, values = thinned_max(clipped, s.grad_norm[np.searchsorted(s.step, clipped)])
+            ax.scatter(marks, values, s=9, color="tab:red", zorder=3,
+                       label=f"clipped at max_norm ({len(clipped):,} steps" + (", the largest per bin)" if
                                                                                   len(marks) < len(clipped) else ")"))
         _edge_marks(ax, s.step[s.nonfinite], True, "black", "non-finite")
         _edge_marks(ax, s.step[s.skipped], False, "tab:purple", "AMP-skipped")
@@ -102,15 +102,19 @@ def _thresholds(ax: Axes, rec: Recommendation) -> None:
 
 
 def _annotate_spikes(ax: Axes, rec: Recommendation) -> None:
-    for spike in rec.spikes.shown[:SPIKES_ANNOTATED]:
-        names = ", ".join(f"{layer.layer} {layer.share:.0%}" for layer in spike.layers[:2]) or "no layer data"
-        ax.annotate(f"step {spike.step}: {spike.ratio:.0f}x\n{names}", (spike.step, spike.norm),
-                    xytext=(6, 6), textcoords="offset points", fontsize=7, color="tab:red",
-                    arrowprops={"arrowstyle": "-", "color": "tab:red", "linewidth": 0.6})
+    """The largest spikes, numbered as in recommend's spike table, each with the layer that carried most of it;
+    the labels step down from the top so that spikes close in steps do not write over each other."""
+    for i, spike in enumerate(rec.spikes.shown[:SPIKES_ANNOTATED]):
+        top = f"{spike.layers[0].layer} {spike.layers[0].share:.0%}" if spike.layers else "no layer data"
+        ax.annotate(f"#{i + 1} step {spike.step}, {spike.ratio:.0f}x: {top}", (spike.step, spike.norm),
+                    xytext=(0.01, 0.93 - 0.06 * i), textcoords="axes fraction", fontsize=7, color="tab:red",
+                    arrowprops={"arrowstyle": "-", "color": "tab:red", "linewidth": 0.5, "alpha": 0.6})
 
 
 def distribution_chart(s: OptimizerSeries, rec: Recommendation) -> Figure:
     """The histogram of the used steps' norms (log x and y) and the clip-rate curve, side by side."""
+    from matplotlib.ticker import NullFormatter
+
     used = _used(s, rec)
     fig = plots.new_figure(WIDTH, 3.8)
     left, right = fig.subplots(1, 2)
@@ -122,6 +126,7 @@ def distribution_chart(s: OptimizerSeries, rec: Recommendation) -> Figure:
                       alpha=0.7)
         left.set_xscale("log")
         left.set_yscale("log")
+        left.xaxis.set_minor_formatter(NullFormatter())  # a narrow log axis labels every minor tick, overlapping
         _vertical_thresholds(left, rec)
         thresholds, rates = clip_rate_curve(used)
         right.plot(thresholds, rates, color="tab:blue", linewidth=1.2)

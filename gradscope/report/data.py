@@ -65,6 +65,18 @@ def thinned(steps: np.ndarray, max_marks: int = MAX_MARKS) -> np.ndarray:
     return steps[first]
 
 
+def thinned_max(steps: np.ndarray, values: np.ndarray, max_marks: int = MAX_MARKS) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``max_marks`` of (``steps``, ``values``), steps ascending: each bin's largest value when there are more."""
+    if len(steps) <= max_marks:
+        return steps, values
+    lo = int(steps.min())
+    width = max(1, -(-(int(steps.max()) - lo + 1) // max_marks))
+    bins = (steps - lo) // width
+    order = np.lexsort((-values, bins))  # by bin, the largest value first
+    first = order[np.r_[True, bins[order][1:] != bins[order][:-1]]]
+    return steps[first], values[first]
+
+
 @dataclass(frozen=True)
 class OptimizerSeries:
     """One optimizer's recorded columns, sorted by step, as float arrays (NaN where null)."""
