@@ -194,3 +194,16 @@ def test_heat_map_bins_hold_each_layers_max_and_median_over_their_steps(tmp_path
     assert np.array_equal(heat.median, expected)
     line = binned(steps, norms[:, 0], max_points=100)
     assert line.width == 25 and np.array_equal(line.max, norms[:, 0].reshape(100, 25).max(axis=1))
+
+
+def test_a_compare_written_elsewhere_is_reported_with_compare_dir(reported: dict[str, Any]) -> None:
+    tmp, run = reported["tmp"], reported["run"]
+    found = sorted(reported["runs"].glob("compare-*/compare.json"))
+    assert len(found) == 1
+    elsewhere = shutil.copytree(found[0].parent, tmp / "elsewhere")  # as `compare --out elsewhere` leaves it
+    proc = _cli("report", str(run.path), "-o", str(tmp / "both.html"), "--compare", str(elsewhere))
+    assert_exit_ok(proc)
+    page = (tmp / "both.html").read_text(encoding="utf-8")
+    assert 'id="compare-0"' in page and 'id="compare-1"' in page and "compare elsewhere" in page
+    empty = _cli("report", str(run.path), "-o", str(tmp / "none.html"), "--compare", str(tmp))
+    assert empty.returncode == 1 and empty.stderr.startswith(f"gradscope: --compare {tmp}: no readable compare.json")
