@@ -36,6 +36,18 @@ def data_uri(fig: Figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def figure(width: float, height: float, left: float, right: float, hspace: float = 0.35) -> Figure:
+    """A figure with fixed margins (fractions of the width; 0.6 in below, 0.45 in above the axes).
+
+    Fixed rather than matplotlib's constrained layout: measuring every label to place the axes
+    costs as much as drawing them again, and these charts' labels are of known sizes.
+    """
+    fig = plots.new_figure(width, height, layout=None)
+    fig.subplots_adjust(left=left, right=right, bottom=0.6 / height, top=1 - 0.45 / height, hspace=hspace,
+                        wspace=0.22)
+    return fig
+
+
 def _line(ax: Axes, b: Binned, color: str, label: str) -> None:
     if b.width == 1:
         ax.plot(b.x, b.max, color=color, linewidth=0.9, label=label)
@@ -66,7 +78,7 @@ def _shade_first_steps(ax: Axes, s: OptimizerSeries, rec: Recommendation) -> Non
 
 def norm_chart(s: OptimizerSeries, rec: Recommendation) -> Figure:
     """The pre-clip global norm over steps, the candidate thresholds, clipped steps, spikes and warm-up."""
-    fig = plots.new_figure(WIDTH, 4.6)
+    fig = figure(WIDTH, 4.6, left=0.1, right=0.62)
     ax = fig.add_subplot()
     with plots.quiet():
         shown = np.where(np.isfinite(s.grad_norm) & (s.grad_norm > 0), s.grad_norm, np.nan)
@@ -116,7 +128,7 @@ def distribution_chart(s: OptimizerSeries, rec: Recommendation) -> Figure:
     from matplotlib.ticker import NullFormatter
 
     used = _used(s, rec)
-    fig = plots.new_figure(WIDTH, 3.8)
+    fig = figure(WIDTH, 3.8, left=0.08, right=0.98)
     left, right = fig.subplots(1, 2)
     with plots.quiet():
         positive = used[used > 0]
@@ -163,7 +175,7 @@ def heat_chart(heat: HeatMap, label: str) -> Figure:
 
     n_layers, n_bins = heat.max.shape
     rows = max(1.5, min(0.07 * n_layers, 6.0))  # inches per panel: 50 labels at 6 pt fit in 6 inches
-    fig = plots.new_figure(WIDTH, 1.2 + 2 * rows)
+    fig = figure(WIDTH, 1.2 + 2 * rows, left=0.2, right=0.99, hspace=0.25)
     axes = fig.subplots(2, 1, sharex=True)
     finite = heat.max[np.isfinite(heat.max) & (heat.max > 0)]
     low, high = (float(finite.min()), float(finite.max())) if len(finite) else (1e-3, 1.0)
@@ -189,7 +201,7 @@ def _layer_ticks(ax: Axes, layers: list[str]) -> None:
 
 def loss_lr_chart(s: OptimizerSeries, label: str) -> Figure:
     """Loss (log when all positive) and lr over steps, with non-finite and AMP-skipped steps marked."""
-    fig = plots.new_figure(WIDTH, 4.4)
+    fig = figure(WIDTH, 4.4, left=0.1, right=0.84, hspace=0.1)
     loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
     with plots.quiet():
         finite = s.loss[np.isfinite(s.loss)]

@@ -20,6 +20,7 @@ import pandas as pd
 from gradscope import plots, store
 from gradscope.compare.metrics import smoothed
 from gradscope.errors import GradscopeError
+from gradscope.report.charts import figure
 from gradscope.report.data import binned
 
 if TYPE_CHECKING:
@@ -138,7 +139,7 @@ def _curves(title: str, max_norm: float | None, frames: dict[int, pd.DataFrame],
 def compare_chart(data: CompareData, k: int) -> Figure:
     """Optimizer ``k`` of one compare: the loss of each arm (mean over seeds, the seeds' range shaded,
     compare's smoothed loss solid) above, the pre-clip norm of each arm (median over seeds) below."""
-    fig = plots.new_figure(11.0, 6.4)
+    fig = figure(11.0, 6.4, left=0.1, right=0.7)
     loss_ax, norm_ax = fig.subplots(2, 1, sharex=True)
     with plots.quiet():
         for index, arm in enumerate(data.arms.get(k, [])):
