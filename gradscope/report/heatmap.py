@@ -57,6 +57,11 @@ class _Bins:
 
     def add(self, step: np.ndarray, lid: np.ndarray, norm: np.ndarray) -> None:
         b = (step - self.first_step) // self.width
+        inside = (b >= 0) & (b < self.n_bins)  # a layer row of a step the steps table lacks (a killed run)
+        if not inside.all():
+            b, step, lid, norm = b[inside], step[inside], lid[inside], norm[inside]
+        if len(b) == 0:
+            return
         order = None if len(b) < 2 or bool((b[1:] >= b[:-1]).all()) else np.argsort(b, kind="stable")
         if order is not None:
             b, step, lid, norm = b[order], step[order], lid[order], norm[order]
