@@ -180,6 +180,9 @@ def _layer_ids(column: pa.Array, ids: dict[str, int]) -> np.ndarray:
         column = pc.dictionary_encode(column)
     names = column.dictionary.to_pylist()  # the batch's few distinct names: the rows stay in Arrow
     codes = column.indices.to_numpy(zero_copy_only=False)
+    if all(name in ids for name in names):  # the usual batch: every name known, no pass over the rows to count
+        lookup = np.array([ids[name] for name in names], dtype=np.int64)
+        return codes if np.array_equal(lookup, np.arange(len(names))) else lookup[codes]
     # A filtered column keeps the whole dictionary (the other optimizer's names too): add only names in use.
     present = np.bincount(codes, minlength=len(names)) > 0
     lookup = np.zeros(len(names), dtype=np.int64)
