@@ -48,7 +48,8 @@ demo: install
 	$(PYTHON) -m gradscope profile sample_runs/rnn_exploding.py
 	$(PYTHON) -m gradscope recommend --plot .gradscope/recommend.png
 	$(PYTHON) -m gradscope compare --max-norm auto --seeds 3
-	@echo "plots: .gradscope/recommend.png and the loss.png / grad_norm.png in the compare directory above"
+	$(PYTHON) -m gradscope report -o .gradscope/report.html
+	@echo "plots: .gradscope/recommend.png and the loss.png / grad_norm.png in the compare directory above; every chart: .gradscope/report.html"
 
 bench: install
 	$(PYTHON) bench/run.py

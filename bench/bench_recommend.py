@@ -136,14 +136,14 @@ def bench(n_steps: int = 1_000_000, n_layers: int = 100, keep: Path | None = Non
     with tempfile.TemporaryDirectory(prefix="gradscope-bench-") as tmp:
         root = keep or Path(tmp)
         start = time.perf_counter()
-        existing = _reusable(root, n_steps, n_layers) if keep else None
+        existing = find_run(root, n_steps, n_layers) if keep else None
         run_dir = existing or build_run(root, n_steps, n_layers)
         build_s = 0.0 if existing else time.perf_counter() - start
         wall, cpu, peak, code, max_norm = time_recommend(run_dir)
     return BenchResult(n_steps, n_layers, build_s, wall, cpu, peak, os.getloadavg()[0], code, max_norm)
 
 
-def _reusable(root: Path, n_steps: int, n_layers: int) -> Path | None:
+def find_run(root: Path, n_steps: int, n_layers: int) -> Path | None:
     for run_dir in store.list_runs(root):
         meta = store.read_meta(run_dir)
         if meta.n_steps == n_steps and meta.optimizers and len(meta.optimizers[0].names) == n_layers:
@@ -160,13 +160,17 @@ def print_table(result: BenchResult) -> None:
     print("gradscope recommend --json on a synthetic run\n" + header + "\n" + row)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: see the module docstring. Exits 1 when the recommend run failed."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def size_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The synthetic run's size options, shared with bench/report.py: --steps, --layers, --keep."""
     parser.add_argument("--steps", type=int, default=1_000_000, help="optimizer steps in the synthetic run")
     parser.add_argument("--layers", type=int, default=100, help="layers (parameter tensors) per step")
     parser.add_argument("--keep", type=Path, default=None, help="build the run under this directory and reuse it")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: see the module docstring. Exits 1 when the recommend run failed."""
+    args = size_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args(argv)
     result = bench(args.steps, args.layers, args.keep)
     print_table(result)
     return 0 if result.exit_code == 0 else 1

@@ -14,6 +14,7 @@ e2e        ``gradscope profile`` vs ``python`` on the sample_runs scripts: wall 
 gpu        host synchronisations per step and the GPU overhead ratio, where CUDA exists (bench/gpu.py)
 recommend  ``gradscope recommend`` on a large synthetic run (bench/bench_recommend.py, its own table)
 ranks      reading a distributed job: store.join_ranks over 8 ranks of a sharded optimizer (bench/ranks.py)
+report     ``gradscope report`` on a large synthetic run: page size and seconds (bench/report.py, its own table)
 
 Nothing here asserts a time: the targets are printed next to what was measured.
 """
@@ -41,7 +42,7 @@ import ranks  # noqa: E402
 import torch  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
-SECTIONS = ["overhead", "memory", "e2e", "gpu", "recommend", "ranks"]
+SECTIONS = ["overhead", "memory", "e2e", "gpu", "recommend", "ranks", "report"]
 TARGET_VS_FLOOR = {"lstm": 1.5, "gpt": 1.5, "mlp": 2.0, "many": 2.0}  # gradscope added / floor added, at most
 TARGET_VS_ITEM_LOOP = 10.0  # item-loop added / gradscope added on the ~400-tensor model, at least
 TARGET_RSS_MB = 50.0
@@ -234,6 +235,13 @@ def run_recommend(args: argparse.Namespace) -> int | None:
     return subprocess.run(cmd, cwd=ROOT).returncode
 
 
+def run_report(args: argparse.Namespace) -> int:
+    print("\nReport")
+    cmd = [sys.executable, str(HERE / "report.py")] + (["--steps", "2000", "--layers", "5"] if args.quick else [])
+    sys.stdout.flush()
+    return subprocess.run(cmd, cwd=ROOT).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="gradscope benchmark (make bench)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 rounds: proves the harness works")
@@ -298,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     if "ranks" in args.only:
         print("\nRanks: join_ranks over the ranks of a sharded optimizer", flush=True)
         report["ranks"] = ranks.bench(*((2, 2000, 5) if args.quick else (8, 100_000, 100)))
+    if "report" in args.only:
+        report["report_exit_code"] = run_report(args)
     report["wall_s"] = time.perf_counter() - started
     report["load_end"] = os.getloadavg()[0]
     print(f"\nbench finished in {report['wall_s']:.0f} s (load average {report['load_end']:.1f})")

@@ -1,4 +1,5 @@
-"""The command line: ``gradscope profile | recommend | compare | merge``.
+"""The command line: ``gradscope profile | recommend | compare``, and (in :mod:`gradscope.cli_runs`)
+``report | export | merge``.
 
 The only module that imports typer. Each command declares its options and makes one call into a
 module that knows nothing of the CLI. ``main`` is the one place where a :class:`GradscopeError`
@@ -16,6 +17,7 @@ from typing import Annotated
 import typer
 
 from gradscope import __version__, console
+from gradscope.cli_runs import RunArg, RunsDirOpt, export, merge, report
 from gradscope.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, GradscopeError, UsageError
 from gradscope.record.config import DEFAULT_FLUSH_EVERY, torchrun_form
 
@@ -49,22 +51,6 @@ def _root(
     ] = False,
 ) -> None:
     """Measure what your gradients do, and choose clip_grad_norm_'s max_norm from the measurement."""
-
-
-# Options shared by several commands, defined once.
-RunsDirOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--runs-dir",
-        envvar="GRADSCOPE_DIR",
-        help="Directory that holds the runs. Defaults to [blue].gradscope[/blue] in the working directory.",
-        show_default=False,
-    ),
-]
-RunArg = Annotated[
-    str | None,
-    typer.Argument(help="A run id or run directory. Defaults to the latest run.", show_default=False),
-]
 
 
 @app.command(
@@ -340,23 +326,11 @@ def compare(
     raise typer.Exit(view.report(result, as_json=as_json))
 
 
-@app.command()
-def merge(
-    out: Annotated[Path, typer.Argument(help="The merged job's run directory; it must not exist.", show_default=False)],
-    runs: Annotated[list[str], typer.Argument(help="The job runs of the nodes: run ids or directories.")],
-    runs_dir: RunsDirOpt = None,
-    force: Annotated[bool, typer.Option(help="Merge runs that ran different scripts.")] = False,
-) -> None:
-    """Merge the job runs of several nodes into one job run OUT (each rank's sub-run hard-linked, or copied,
-    into OUT/ranks/); the inputs are left as they are. Exit codes: 0 merged, 1 an input is not a finished job,
-    two inputs hold the same rank, or they ran different scripts, 2 OUT exists."""
-    from gradscope import store
-
-    done = store.merge_jobs(out, [store.resolve_run(ref, runs_dir) for ref in runs], force)
-    print(f"gradscope: {done.summary()}", file=sys.stderr)
-
-
 MAX_SEEDS = 1000  # compare --seeds: more is a typo, not a plan
+
+# The commands that read recorded runs into files: gradscope/cli_runs.py.
+for _command in (report, export, merge):
+    app.command()(_command)
 
 
 def _torchrun_form(argv: list[str]) -> list[str]:
@@ -369,8 +343,6 @@ def _torchrun_form(argv: list[str]) -> list[str]:
     takes_value = {name for param in command.params if not getattr(param, "is_flag", True)
                    for name in getattr(param, "opts", ())}
     return torchrun_form(argv, ours, takes_value)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script and ``python -m gradscope``; returns the exit code.
 

@@ -43,12 +43,15 @@ def quiet() -> Iterator[None]:
         yield
 
 
-def new_figure(width: float, height: float) -> Figure:
-    """A Figure with an Agg canvas attached (the object API's equivalent of ``plt.figure``)."""
+def new_figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
+    """A Figure with an Agg canvas attached (the object API's equivalent of ``plt.figure``).
+
+    ``layout=None`` leaves the margins to ``subplots_adjust`` (the report's charts: fixed margins draw faster).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=DPI, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -98,7 +101,8 @@ def plot_recommend(run: Run, recommendations: Sequence[Recommendation], path: st
         _draw_series(fig.add_subplot(grid[row, 0]), steps, norms, rec)
         used = np.isfinite(norms) & ~skipped & (steps >= steps.min() + rec.skip_steps)
         _draw_histogram(fig.add_subplot(grid[row, 1]), norms[used], rec)
-    fig.suptitle(f"gradscope recommend: {recommendations[0].run_id}")
+    drawn = ", ".join(rec.optimizer_label for rec in recommendations)  # say which: --optimizer K draws one
+    fig.suptitle(f"gradscope recommend: {recommendations[0].run_id}, optimizer{'s' * (len(recommendations) > 1)} {drawn}")
     if path is not None:
         save_figure(fig, path)
     return fig
@@ -118,6 +122,11 @@ def _draw_series(ax: Axes, steps: np.ndarray, norms: np.ndarray, rec: Recommenda
                 label=f"non-finite ({len(bad)})")
     if rec.skip_steps:
         ax.axvspan(steps.min(), steps.min() + rec.skip_steps, color="0.85", label="left out (--skip-steps)")
+    w = rec.warmup
+    if w is not None and w.skip_steps > rec.skip_steps:  # the first steps recommend judges: an lr warm-up or not
+        what = "lr warm-up" if w.kind == "warm-up" else "early steps (first 10%)"
+        ax.axvspan(steps.min() + rec.skip_steps, steps.min() + w.skip_steps, color="tab:orange", alpha=0.12,
+                   label=f"{what}: {w.skip_steps} steps")
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"L{rec.norm_type:g} norm before clipping")
@@ -146,9 +155,9 @@ def _draw_histogram(ax: Axes, norms: np.ndarray, rec: Recommendation) -> None:
     marks = {"p50": d.median, "p90": d.p90, "p95": d.p95, "p99": d.p99}
     styles = {"p50": ":", "p90": "-.", "p95": "--", "p99": (0, (1, 3))}
     for label, value in marks.items():
-        if value > 0:
+        if value > 0 and not np.isclose(value, rec.max_norm):  # the one max_norm equals would hide under it
             ax.axvline(value, color="0.3", linestyle=styles[label], linewidth=1.0, label=f"{label} = {value:.3g}")
-    ax.axvline(rec.max_norm, color="tab:red", linewidth=1.5, label=f"max_norm (p{rec.percentile:g})")
+    ax.axvline(rec.max_norm, color="tab:red", linewidth=1.5, label=f"max_norm = p{rec.percentile:g} = {rec.max_norm:.3g}")
     from matplotlib.ticker import NullFormatter
 
     ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow log axis labels every minor tick, overlapping
@@ -172,6 +181,14 @@ def _arm_color(index: int) -> str:
     return f"C{index % 10}"  # the same colour for an arm in both compare plots
 
 
+SEED_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 1)))
+
+
+def _seed_style(k: int) -> str | tuple[int, tuple[int, ...]]:
+    """The k-th seed's line style: an arm's seeds share its colour, so the style tells them apart."""
+    return SEED_STYLES[k % len(SEED_STYLES)]
+
+
 def _compare_panels(comparison: Comparison) -> list[tuple[int, str, list[ArmResult]]]:
     """(optimizer, name, its arms) for every optimizer compared: one panel each."""
     return [(k, name, comparison.of(k)) for k, name in comparison.names.items()]
@@ -181,8 +198,8 @@ def plot_compare_loss(comparison: Comparison, path: str | Path | None = None) ->
     """Loss per step of every arm and seed, one axis per optimizer: raw (faint) and smoothed (solid).
 
     Two lines per seed that recorded steps (raw, then the smoothed loss whose last value is the
-    final loss), one legend entry per arm. An axis is logarithmic when every finite loss on it is
-    positive, so spikes do not flatten the rest. Non-finite losses are gaps, with an ``x`` where a
+    final loss), one legend entry per seed: an arm's seeds share its colour, each its own line style.
+    An axis is logarithmic when every finite loss on it is positive, so spikes do not flatten the rest. Non-finite losses are gaps, with an ``x`` where a
     seed first diverged. Saved when ``path`` is given.
     """
     from gradscope.compare.metrics import smooth_window
@@ -197,7 +214,7 @@ def plot_compare_loss(comparison: Comparison, path: str | Path | None = None) ->
                 loss = seed.frame["loss"].astype(float)
                 positive = positive and bool((loss[np.isfinite(loss)] > 0).all())
                 window = smooth_window(len(loss))
-                _draw_loss(ax, seed, _arm_color(index), None if k else arm.title)
+                _draw_loss(ax, seed, _arm_color(index), f"{arm.title}, seed {seed.seed}", _seed_style(k))
         if positive and any(s.n_steps for a in arms for s in a.seeds):
             ax.set_yscale("log")
         ax.set(xlabel="optimizer step", ylabel="loss",
@@ -210,13 +227,13 @@ def plot_compare_loss(comparison: Comparison, path: str | Path | None = None) ->
     return fig
 
 
-def _draw_loss(ax: Axes, seed: SeedResult, color: str, label: str | None) -> None:
+def _draw_loss(ax: Axes, seed: SeedResult, color: str, label: str | None, style: object = "-") -> None:
     from gradscope.compare.metrics import smoothed
 
     steps, loss = seed.frame["step"].to_numpy(), seed.frame["loss"].astype(float)
     finite = np.isfinite(loss)
-    ax.plot(steps, loss.where(finite).to_numpy(), color=color, alpha=0.22, linewidth=0.7)
-    ax.plot(steps, smoothed(loss).to_numpy(), color=color, linewidth=1.7, label=label)
+    ax.plot(steps, loss.where(finite).to_numpy(), color=color, alpha=0.22, linewidth=0.7, linestyle=style)
+    ax.plot(steps, smoothed(loss).to_numpy(), color=color, linewidth=1.7, label=label, linestyle=style)
     if seed.first_nonfinite_step is not None and finite.any():  # a marker (a collection, not a line)
         ax.scatter([seed.first_nonfinite_step], [loss[finite].max()], marker="x", color=color, s=60)
 
@@ -225,9 +242,8 @@ def _draw_norms(ax: Axes, arm: ArmResult, color: str) -> None:
     drawn = [s for s in arm.seeds if s.n_steps]
     for k, seed in enumerate(drawn):
         norm = seed.frame["grad_norm"].astype(float)
-        label = None if k else "pre-clip norm" + (f", {len(drawn)} seeds" if len(drawn) > 1 else "")
         ax.plot(seed.frame["step"].to_numpy(), norm.where(np.isfinite(norm) & (norm > 0)).to_numpy(),
-                color=color, linewidth=0.8, alpha=0.75, label=label)
+                color=color, linewidth=0.8, alpha=0.75, linestyle=_seed_style(k), label=f"seed {seed.seed}")
 
 
 def _draw_thresholds(ax: Axes, arm: ArmResult, thresholds: list[tuple[int, float]]) -> None:

@@ -78,6 +78,7 @@ def test_other_sections_report(quick: tuple[str, dict]) -> None:
         assert "no CUDA device" in stdout
     if (BENCH / "bench_recommend.py").is_file():
         assert report["recommend_exit_code"] == 0
+    assert report["report_exit_code"] == 0
 
 
 def test_ranks_section_times_both_tables(quick: tuple[str, dict]) -> None:

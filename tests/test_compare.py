@@ -331,7 +331,8 @@ def test_plots_have_one_axis_per_arm_and_a_line_per_seed_and_threshold(toy_compa
     drawn = sum(1 for s in seed_runs if len(s.run.steps))
     loss_fig = plots.plot_compare_loss(comparison, tmp_path / "loss.png")
     assert len(loss_fig.axes) == 1 and len(loss_fig.axes[0].get_lines()) == 2 * drawn  # raw + smoothed per seed
-    assert [t.get_text() for t in loss_fig.axes[0].get_legend().get_texts()] == ["no clipping", "max_norm=1"]
+    legend = [t.get_text() for t in loss_fig.axes[0].get_legend().get_texts()]  # an arm's seeds: one colour, named
+    assert legend == [f"{a.title}, seed {s.seed}" for a in comparison.arms for s in a.seeds if s.n_steps]
     assert loss_fig.axes[0].get_title().startswith("optimizer 0 (SGD, ")
     assert [a.title for a in comparison.arms] == ["no clipping", "max_norm=1"] == [a["title"] for a in doc["arms"]]
     norm_fig = plots.plot_compare_grad_norm(comparison, tmp_path / "grad_norm.png")

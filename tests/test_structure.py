@@ -92,8 +92,9 @@ def test_the_private_import_check_catches_one(tmp_path: Path) -> None:
 
 def test_reporting_modules_import_no_torch() -> None:
     code = ("import sys\n"
-            "import gradscope.cli, gradscope.store, gradscope.recommend, gradscope.compare, gradscope.stats\n"
+            "import gradscope.cli, gradscope.cli_runs, gradscope.store, gradscope.recommend, gradscope.compare, gradscope.stats\n"
             "import gradscope.compare.view, gradscope.recommend.view, gradscope.record.config\n"
+            "import gradscope.report, gradscope.report.charts, gradscope.report.compares, gradscope.export\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"

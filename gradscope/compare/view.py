@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,8 @@ def print_report(result: CompareResult, console: Console | None = None) -> None:
     for name, path in result.plots.items():
         _say(console, f"plot ({name}): {path}")
     _say(console, f"arm logs and compare.json: {result.out_dir}")
+    elsewhere = "" if result.out_dir.parent == result.plan.root.resolve() else f" --compare {shlex.quote(str(result.out_dir))}"
+    _say(console, f"next: gradscope report {shlex.quote(str(result.plan.run.path))}{elsewhere}   (one HTML page)")
 
 
 # --------------------------------------------------------------------------------------------------

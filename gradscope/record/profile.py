@@ -159,3 +159,4 @@ def _summarise(options: ProfileOptions, recorder: Any, run_dir: Path, outcome: r
     if steps and outcome.exit_code == EXIT_OK:
         runs_flag = f" --runs-dir {shlex.quote(str(options.runs_dir))}" if options.runs_dir else ""
         _say(options, f"next: gradscope recommend{runs_flag}")
+        _say(options, f"then: gradscope report{runs_flag}   (one HTML page with the charts; docs/report.md)")

@@ -224,6 +224,16 @@ class Run:
         """``layers`` as a pandas DataFrame (``layer`` is categorical). Large: prefer read_table."""
         return self.read_table("layers").to_pandas()
 
+    def report(self, path: str | os.PathLike[str] | None = None) -> Any:
+        """Write this run's HTML report (``gradscope report``) to ``path`` (default: report.html in the run).
+
+        Returns a :class:`gradscope.report.Report`: its ``path``, and the page inline in Jupyter.
+        """
+        # Imported here: the report imports the store, and matplotlib is paid for only when a report is asked for.
+        from gradscope.report import write_report
+
+        return write_report(self, path)
+
     def optimizer_label(self, index: int) -> str:
         """A short human label for optimizer ``index``: ``"0 (Adam)"``."""
         for entry in self.meta.optimizers:
