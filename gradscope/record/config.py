@@ -174,3 +174,21 @@ class ProfileOptions:
         # -m must be profile's last option: everything after the target belongs to the script.
         target = ["-m", self.target] if self.as_module else [self.target]
         return [sys.executable, "-m", "gradscope", "profile", *flags, *target, *self.args]
+
+
+def config_to_json(config: RecorderConfig) -> dict[str, object]:
+    """``config`` as plain JSON values (the ``config`` of ``GRADSCOPE_JOB``); :func:`config_from_json` reads it."""
+    norm = config.inject_max_norm
+    return {"flush_every": config.flush_every, "flush_seconds": config.flush_seconds,
+            "inject_max_norm": None if norm is None else {"values": list(norm.values), "for_all": norm.for_all},
+            "inject_clip_value": config.inject_clip_value, "disable_script_clip": config.disable_script_clip,
+            "seed": config.seed, "max_steps": config.max_steps, "max_time": config.max_time}
+
+
+def config_from_json(data: dict[str, object]) -> RecorderConfig:
+    """The :class:`RecorderConfig` that :func:`config_to_json` wrote; unknown keys are ignored."""
+    known = {name: data[name] for name in RecorderConfig.__dataclass_fields__ if name in data}
+    norm = known.get("inject_max_norm")
+    if isinstance(norm, dict):
+        known["inject_max_norm"] = Thresholds(tuple(float(v) for v in norm["values"]), bool(norm["for_all"]))
+    return RecorderConfig(**known)  # type: ignore[arg-type]

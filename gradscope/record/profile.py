@@ -24,8 +24,8 @@ from typing import Any
 
 from gradscope import store
 from gradscope.errors import EXIT_OK
-from gradscope.record import runner
-from gradscope.record.config import ProfileOptions
+from gradscope.record import bootstrap, runner
+from gradscope.record.config import ProfileOptions, config_to_json
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -73,6 +73,8 @@ def run_profile(options: ProfileOptions) -> int:
                         latest_root=root)
     recorder.start()
     os.environ["GRADSCOPE_PROFILING"] = "1"  # lets a script skip expensive evaluation while profiled
+    # After our own start-up: the Python processes the script starts record into this job (bootstrap.py).
+    os.environ.update(bootstrap.child_env(run_dir, config_to_json(options.recording), options.quiet, os.environ))
     _say(options, f"recording {options.target} to {_shown(run_dir)}")
     previous = signal.getsignal(signal.SIGTERM)
     if previous is signal.SIG_DFL:
