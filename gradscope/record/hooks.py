@@ -305,13 +305,13 @@ def _let_gloo_workers_finish() -> None:
     Hazard (a deadlock in torch that gradscope's hooks make likely): every collective DDP launches inside
     a backward is an ``AsyncWork`` that captured the thread-local state, which holds a Python object (the
     ``contextvars`` context ``torch.autograd`` stashes for the length of each backward). Its last owner
-    is the gloo worker thread that ran it, so freeing it needs the GIL. ``~ProcessGroupGloo`` joins those
-    workers while the main thread holds the GIL; it runs at ``destroy_process_group`` or, as in most
-    scripts, when the DDP model (its reducer holds the group) is freed right after. A worker still
-    waiting for the GIL then never returns and the rank hangs past its last step, its peers long gone.
-    The worker asks for the GIL when the last all-reduce completes, just as the main thread goes on to
-    the optimizer step: without gradscope the main thread usually lets it in there; gradscope's step
-    hooks and backward wrapper run Python at exactly that moment, and on a busy machine the worker then
-    loses the GIL until the teardown. A sleep releases the GIL outright, which a waiting worker takes.
+    is the gloo worker thread that ran it, so freeing it takes the GIL. ``destroy_process_group`` only
+    shuts the group down; ``~ProcessGroupGloo`` joins the workers later, when the group's last owner
+    goes, holding the GIL: in the usual script that is the DDP model's reducer, freed when the function
+    that made it returns right after ``destroy_process_group``. A worker still waiting for the GIL to
+    free its last Work then never returns, and the rank hangs past its last step. Without gradscope the
+    worker has had the GIL by then; with its step hooks or its backward wrapper in place (either one is
+    enough) it often has not, on a busy machine. A sleep gives up the GIL outright, and the waiting
+    worker takes it: the job's ranks then end every time.
     """
     time.sleep(GLOO_RELEASE_S)

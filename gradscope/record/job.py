@@ -68,6 +68,12 @@ def start_child_recorder(job: dict[str, Any]) -> object:
     return ChildRecorder(job).arm()
 
 
+def rank_dirs(run_dir: Path) -> list[Path]:
+    """The directories of the ranks recorded into the job ``run_dir`` so far."""
+    ranks = run_dir / RANKS_DIR
+    return sorted(p for p in ranks.iterdir() if p.is_dir()) if ranks.is_dir() else []
+
+
 def rank_name() -> str:
     """``rank-RRRRR`` from torch.distributed (when initialised), ``RANK`` or ``LOCAL_RANK``; else ``pid-PID``."""
     dist = torch.distributed

@@ -113,7 +113,13 @@ def _shown(path: Path) -> str:
 
 
 def _summarise(options: ProfileOptions, recorder: Any, run_dir: Path, outcome: runner.Outcome) -> None:
-    steps = recorder.n_steps
+    from gradscope.record.job import rank_dirs
+
+    steps, ranks = recorder.n_steps, len(rank_dirs(run_dir))
+    if ranks:  # the processes the script started recorded themselves (bootstrap.py)
+        own = f"{steps} steps recorded in this process, " if steps else ""
+        _say(options, f"{outcome.status}: {own}{ranks} child processes recorded in {_shown(run_dir)}")
+        return
     if steps == 0:
         _say(options, "warning: no optimizer step was recorded. gradscope sees torch.optim optimizers and "
                       "clip_grad_norm_ calls in this process; training in a subprocess the script starts "

@@ -14,20 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-
-class MyTrainDataset(Dataset):
-    def __init__(self, size: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.data = [(torch.rand(20, generator=g), torch.rand(1, generator=g)) for _ in range(size)]
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int):
-        return self.data[index]
+from datautils import MyTrainDataset
 
 
 def ddp_setup() -> None:
