@@ -11,7 +11,9 @@ What :meth:`Hooks.install` installs (all undone by :meth:`Hooks.remove`):
 - ``GradScaler.scale`` / ``GradScaler.step`` for unscaled losses, the loss scale and skipped steps;
 - ``torch.manual_seed`` to learn (and, for ``compare``, replace) the script's seed;
 - ``Optimizer.__init__`` and ``nn.Module.zero_grad`` for scripts that update weights by hand, with
-  no ``torch.optim`` optimizer.
+  no ``torch.optim`` optimizer;
+- ``torch.distributed.destroy_process_group``, which first lets the gloo workers take the GIL once
+  (:func:`_let_gloo_workers_finish`: a teardown deadlock the hooks' per-step work makes likely).
 
 The hooks know nothing of the recorder's state: each calls one method of :class:`RecorderEvents`,
 whose methods never raise into the user's loop (but ``StopRun``).
@@ -22,6 +24,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -169,6 +172,7 @@ class Hooks:
         self._patch_seed()
         self._patch_zero_grad()
         self._patch_optimizer_init()
+        self._patch_process_group_teardown()
         return originals
 
     def remove(self) -> None:
@@ -297,3 +301,43 @@ class Hooks:
             return original(module, *args, **kwargs)
 
         self._patcher.replace(nn.Module, "zero_grad", zero_grad)
+
+    def _patch_process_group_teardown(self) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            return
+        from torch.distributed import distributed_c10d
+
+        original = distributed_c10d.destroy_process_group
+
+        def destroy_process_group(*args: Any, **kwargs: Any) -> Any:
+            _let_gloo_workers_finish()
+            return original(*args, **kwargs)
+
+        # Both homes: `dist.destroy_process_group` and `from torch.distributed import destroy_process_group`
+        # (a script imports it after install) resolve to the package attribute; Lightning and others use c10d's.
+        self._patcher.replace(dist, "destroy_process_group", destroy_process_group)
+        self._patcher.replace(distributed_c10d, "destroy_process_group", destroy_process_group)
+
+
+#: How long the main thread leaves the GIL to the gloo workers before a process group is torn down.
+GLOO_RELEASE_S = 0.05
+
+
+def _let_gloo_workers_finish() -> None:
+    """Give up the GIL for a moment so the gloo worker threads can free their last ``Work``.
+
+    Hazard (a deadlock in torch that gradscope's hooks make likely): every collective DDP launches inside
+    a backward is an ``AsyncWork`` that captured the thread-local state, which holds a Python object (the
+    ``contextvars`` context ``torch.autograd`` stashes for the length of each backward). Its last owner
+    is the gloo worker thread that ran it, so freeing it takes the GIL. ``destroy_process_group`` only
+    shuts the group down; ``~ProcessGroupGloo`` joins the workers later, when the group's last owner
+    goes, holding the GIL: in the usual script that is the DDP model's reducer, freed when the function
+    that made it returns right after ``destroy_process_group``. A worker still waiting for the GIL to
+    free its last Work then never returns, and the rank hangs past its last step. Without gradscope the
+    worker has had the GIL by then; with its step hooks or its backward wrapper in place (either one is
+    enough) it often has not, on a busy machine. A sleep gives up the GIL outright, and the waiting
+    worker takes it: the job's ranks then end every time.
+    """
+    time.sleep(GLOO_RELEASE_S)

@@ -123,3 +123,59 @@ def _int(text: str | None) -> int | None:
 def describe(identity: RankIdentity) -> dict[str, Any]:
     """The rank fields of a rank's meta.json."""
     return {"rank": identity.rank, "local_rank": identity.local_rank, "world_size": identity.world_size}
+
+
+class ChildRecorder:
+    """A child interpreter of a job (a rank the script started itself): waits for the process's first
+    ``torch.optim.Optimizer``, then records it as one rank of the job.
+
+    Until then nothing is patched but ``Optimizer.__init__``: a process that makes no optimizer (a
+    DataLoader worker, a tool that imports torch) installs no hook and writes nothing.
+    """
+
+    def __init__(self, job: JobEnv) -> None:
+        self.job = job
+        self.recorder: Any = None  # the Recorder, once started
+        self._pid = os.getpid()
+
+    def arm(self) -> ChildRecorder:
+        """Patch ``Optimizer.__init__`` to start recording at the first optimizer made in this process."""
+        import torch
+
+        optimizer_class = torch.optim.Optimizer
+        original = optimizer_class.__init__
+        child = self
+
+        def __init__(optimizer: Any, *args: Any, **kwargs: Any) -> None:
+            # a forked child inherits the patch: only the process that armed it starts recording
+            if os.getpid() == child._pid and optimizer_class.__init__ is __init__:
+                optimizer_class.__init__ = original  # type: ignore[method-assign]  # once, then out of the way
+                child.start()
+            original(optimizer, *args, **kwargs)
+
+        optimizer_class.__init__ = __init__  # type: ignore[method-assign]
+        return self
+
+    def start(self) -> None:
+        """Start a Recorder for this process as a rank of the job (its sub-run is made at its first step,
+        under the rank the process has then; the optimizer being made is seen by the recorder's scan)."""
+        from gradscope.record.recorder import Recorder
+
+        recorder = Recorder(job_dir=self.job.run_dir, label=self.job.run_dir.name, config=self.job.config)
+        try:
+            recorder.start()
+        except RuntimeError:  # a Recorder of its own is active here (`gradscope profile` run by the script)
+            return
+        self.recorder = recorder
+
+
+def start_child_recorder(job: dict[str, Any]) -> object:
+    """Record this child interpreter into the job ``job`` (``GRADSCOPE_JOB``, decoded) from its first optimizer.
+
+    Called by :mod:`gradscope.record.bootstrap` once torch is imported. Returns the object that records; it
+    flushes and compacts at interpreter exit (the Recorder's atexit).
+    """
+    env = JobEnv.from_environ({JOB_ENV: json.dumps(job)})
+    if env is None:
+        return None
+    return ChildRecorder(env).arm()

@@ -13,6 +13,7 @@ drawn over the script's own output.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shlex
@@ -25,7 +26,7 @@ from typing import Any
 
 from gradscope import __version__, store
 from gradscope.errors import EXIT_OK
-from gradscope.record import job, launch, runner
+from gradscope.record import bootstrap, job, launch, runner
 from gradscope.record.config import ProfileOptions
 
 
@@ -68,6 +69,8 @@ def run_profile(options: ProfileOptions) -> int:
     recorder, run_dir = _open(options, target)
     recorder.start()
     os.environ["GRADSCOPE_PROFILING"] = "1"  # lets a script skip expensive evaluation while profiled
+    # After our own start-up: the Python processes the script starts record into this job (bootstrap.py).
+    os.environ.update(bootstrap.child_env(run_dir, options.recording.to_json(), options.quiet, os.environ))
     _say(options, f"recording {options.target} to {_shown(run_dir)}")
     previous = signal.getsignal(signal.SIGTERM)
     if previous is signal.SIG_DFL:
@@ -120,6 +123,16 @@ def _open(options: ProfileOptions, target: runner.Target) -> tuple[Any, Path]:
                     latest_root=root if rank0 else None), run_dir
 
 
+def _finish_job_meta(run_dir: Path, outcome: runner.Outcome, n_ranks: int) -> None:
+    """The job's own meta.json, as the script ended, when the script started the ranks (its steps and
+    those of its children are in ranks/)."""
+    meta = store.read_meta(run_dir)
+    if meta.status == "running" and meta.pid == os.getpid():
+        store.write_meta(run_dir, dataclasses.replace(
+            meta, status=outcome.status, exit_code=outcome.exit_code, error=outcome.error, world_size=n_ranks,
+            n_steps=store.count_steps(run_dir), launch=meta.launch or store.Launch("script")))
+
+
 def _write_job_meta(run_dir: Path, label: str, provenance: store.Provenance) -> None:
     """meta.json of a job its torchrun ranks claimed: what ran and how torchrun started it (from its environment)."""
     per_node = os.environ.get("LOCAL_WORLD_SIZE", "")
@@ -146,6 +159,13 @@ def _shown(path: Path) -> str:
 
 
 def _summarise(options: ProfileOptions, recorder: Any, run_dir: Path, outcome: runner.Outcome) -> None:
+    ranks = store.list_rank_dirs(run_dir)
+    if ranks and recorder.run_dir != run_dir:  # a job: this process (if it trained) and the ranks it started
+        _finish_job_meta(run_dir, outcome, len(ranks))
+    if ranks and not job.is_torchrun_worker():  # the processes the script started recorded themselves
+        _say(options, f"{outcome.status}: {store.count_steps(run_dir)} steps recorded by {len(ranks)} ranks "
+                      f"in {_shown(run_dir)}")
+        return
     steps = recorder.n_steps
     if steps == 0:
         _say(options, "warning: no optimizer step was recorded. gradscope sees torch.optim optimizers and "

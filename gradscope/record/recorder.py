@@ -44,7 +44,7 @@ from gradscope.record.events import StepEvents
 from gradscope.record.guard import Guard
 from gradscope.record.hooks import Hooks
 from gradscope.record.inject import Injector
-from gradscope.record.job import RankIdentity, current_identity, describe
+from gradscope.record.job import JobEnv, RankIdentity, current_identity, describe
 from gradscope.record.layouts import LayoutRegistry
 from gradscope.record.loss import LossWindow
 from gradscope.record.manual import ManualTracker
@@ -276,8 +276,8 @@ class Recorder:
         slot.steps += 1
         row.time_s = time.perf_counter() - self._t0
         pending = self._buffer.add(row)
-        if self._commits == 0 and self._job_dir is not None:
-            self._identity = current_identity()  # while the process group exists: the script may destroy it
+        if self._commits == 0:
+            self._first_step()
         self._commits += 1
         self._loss.closed = True  # LossWindow.close(), inlined: every step
         if pending >= cfg.flush_every:
@@ -302,6 +302,19 @@ class Recorder:
             raise
         except Exception as exc:
             self._lost(f"could not write recorded steps ({_reason(exc)})")
+
+    def _first_step(self) -> None:
+        """A rank learns its rank at its first step, while its process group exists (a script may destroy it
+        before exit). A run that hands itself to its children as their job (``GRADSCOPE_JOB``: ``gradscope
+        profile``) and trains inside a process group of several ranks, as rank 0 of Lightning's DDP launcher
+        does (it re-executes the script for the other ranks), becomes a rank of that job: ranks/rank-R."""
+        identity = current_identity()
+        if self._job_dir is None:
+            handed = JobEnv.from_environ()
+            if (identity.world_size or 1) <= 1 or handed is None or handed.run_dir != self.run_dir:
+                return
+            self._job_dir, self.run_dir, self._writer = self.run_dir, None, None  # nothing written yet
+        self._identity = identity
 
     def _open_rank_guarded(self) -> bool:
         """:meth:`_open_rank` at the end of a run: a failure is recorded, never raised."""
