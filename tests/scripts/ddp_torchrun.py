@@ -42,7 +42,8 @@ class Trainer:
         loss.backward()
         if self.ref:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1e9)
-            print("REF " + json.dumps({"case": "ddp", "rank": self.rank, "step": self.step, "norm": norm.item()}))
+            line = json.dumps({"case": "ddp", "rank": self.rank, "step": self.step, "norm": norm.item()})
+            sys.stdout.write(f"REF {line}\n")  # one write: torchrun runs python -u and the ranks share the pipe
         self.optimizer.step()
         self.step += 1
 
