@@ -13,6 +13,7 @@ memory     100,000 tiny recorded steps in a child process: RSS flat in the numbe
 e2e        ``gradscope profile`` vs ``python`` on the sample_runs scripts: wall time, peak RSS (bench/e2e.py)
 gpu        host synchronisations per step and the GPU overhead ratio, where CUDA exists (bench/gpu.py)
 recommend  ``gradscope recommend`` on a large synthetic run (bench/bench_recommend.py, its own table)
+edges      start-up added, 100,000 tiny steps end to end, compaction's peak memory (bench/edges.py)
 
 Nothing here asserts a time: the targets are printed next to what was measured.
 """
@@ -34,12 +35,13 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import e2e  # noqa: E402
+import edges  # noqa: E402
 import gpu  # noqa: E402
 import overhead  # noqa: E402
 import torch  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
-SECTIONS = ["overhead", "memory", "e2e", "gpu", "recommend"]
+SECTIONS = ["overhead", "memory", "e2e", "gpu", "recommend", "edges"]
 TARGET_VS_FLOOR = {"lstm": 1.5, "gpt": 1.5, "mlp": 2.0, "many": 2.0}  # gradscope added / floor added, at most
 TARGET_VS_ITEM_LOOP = 10.0  # item-loop added / gradscope added on the ~400-tensor model, at least
 TARGET_RSS_MB = 50.0
@@ -243,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="step timer: process CPU time (default with 1 thread) or wall time (default otherwise)")
     parser.add_argument("--memory-steps", type=int, default=100_000)
     parser.add_argument("--e2e-rounds", type=int, default=2)
+    parser.add_argument("--edges-rounds", type=int, default=5, help="interleaved pairs per edges measurement")
     parser.add_argument("--json", type=Path, default=None, help="also write every number here")
     parser.add_argument("--verbose", action="store_true", help="print every round")
     args = parser.parse_args(argv)
@@ -287,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(("gpu", "no host sync per step", f"{len(bad)} workloads synced", "none",
                             "ok" if not bad else "MISSED"))
             targets += [(f"gpu/{t[0]}", *t[1:]) for t in overhead_targets(report["gpu"]["overhead"])]
+    if "edges" in args.only:
+        report["edges"] = edges.measure(args.quick, args.edges_rounds, args.threads, 100_000, 1_000_000)
+        targets += edges.report(report["edges"])
     if targets:
         print("\nTargets (printed, never asserted)")
         for t in targets:
