@@ -14,6 +14,7 @@ imports pyarrow, never pandas or torch (the training process pays for neither at
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -88,8 +89,27 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+@contextlib.contextmanager
+def system_pool() -> Iterator[None]:
+    """Arrow allocations in this block from the C allocator, not pyarrow's default mimalloc pool: in the
+    training process a flush's and compaction's buffers are then returned when freed, where mimalloc keeps
+    ~15 MB more resident for the rest of the run (bench/edges.py). The script's own pyarrow use, before and
+    after, keeps its default pool."""
+    prior = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(prior)
+
+
 def write_part(parts_dir: Path, kind: str, index: int, columns: dict[str, Any]) -> Path:
     """Write part ``index`` of ``kind`` from column arrays; it appears under its name only when closed."""
+    with system_pool():
+        return _write_part(parts_dir, kind, index, columns)
+
+
+def _write_part(parts_dir: Path, kind: str, index: int, columns: dict[str, Any]) -> Path:
     schema = PART_TABLES[kind].with_metadata(FILE_METADATA)
     n = len(next(iter(columns.values()))) if columns else 0
     missing = {f.name: pa.nulls(n, f.type) for f in schema if f.name in OPTIONAL_COLUMNS and f.name not in columns}
@@ -170,30 +190,32 @@ def part_rows(path: Path) -> int:
 def compact(parts: Sequence[Path], kind: str, final: Path) -> None:
     """Stream ``parts`` into the parquet file ``final``, a record batch at a time: memory stays at about
     one row group however long the run (bench/edges.py measures it); ``final`` appears only when complete."""
-    schema = TABLES[kind].with_metadata(FILE_METADATA)
     tmp = final.with_name(f".{final.name}.tmp")
     try:
-        # Dictionary pages for the string columns only: for the float and step columns parquet would build a
-        # dictionary of every distinct value per row group, then drop it (most of compaction's memory).
-        strings = [f.name for f in schema if f.type == pa.string()]
-        with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=strings) as writer:
-            pending: list[pa.RecordBatch] = []
-            rows = 0
-            for table in _readable(parts, kind, None, schema):  # the layer dictionary as strings; new columns as nulls
-                for batch in table.to_batches():
-                    pending.append(batch)
-                    rows += batch.num_rows
-                if rows >= COMPACT_ROWS:
-                    writer.write_table(pa.Table.from_batches(pending, schema))  # one row group, no concatenated copy
-                    pending, rows = [], 0
-            if pending:
-                writer.write_table(pa.Table.from_batches(pending, schema))
+        with system_pool():
+            _stream(parts, kind, tmp)
         durable_replace(tmp, final)
     except BaseException:
         remove_quietly(tmp)
         raise
-    finally:
-        pa.default_memory_pool().release_unused()  # the training process goes on (atexit hooks) without it
+
+
+def _stream(parts: Sequence[Path], kind: str, path: Path) -> None:
+    schema = TABLES[kind].with_metadata(FILE_METADATA)
+    # Dictionary pages for the string columns only: for the float and step columns parquet would build a
+    # dictionary of every distinct value per row group, then drop it (most of compaction's memory).
+    strings = [f.name for f in schema if f.type == pa.string()]
+    with pq.ParquetWriter(path, schema, compression="zstd", use_dictionary=strings) as writer:
+        pending: list[pa.RecordBatch] = []
+        rows = 0
+        for table in _readable(parts, kind, None, schema):  # the layer dictionary as strings; new columns as nulls
+            pending += table.to_batches()
+            rows += table.num_rows
+            if rows >= COMPACT_ROWS:
+                writer.write_table(pa.Table.from_batches(pending, schema))  # one row group, no concatenated copy
+                pending, rows = [], 0
+        if pending:
+            writer.write_table(pa.Table.from_batches(pending, schema))
 
 
 def final_rows(path: Path) -> int:
