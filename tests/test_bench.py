@@ -78,3 +78,18 @@ def test_other_sections_report(quick: tuple[str, dict]) -> None:
         assert "no CUDA device" in stdout
     if (BENCH / "bench_recommend.py").is_file():
         assert report["recommend_exit_code"] == 0
+
+
+def test_edges_section_reports_startup_tiny_steps_and_compaction(quick: tuple[str, dict]) -> None:
+    """bench/edges.py: both start-up scripts, the tiny-step run and the two compactions, printed and in the JSON."""
+    stdout, report = quick
+    edges = report["edges"]
+    assert list(edges["startup"]) == ["imports torch", "one optimizer step"]
+    for pair in [*edges["startup"].values(), edges["tiny"]]:
+        assert pair["exit_codes"] == {"python": [0], "profile": [0]}  # --quick: one pair each
+        assert {"added_s", "added_mb", "wall_ratio"} <= set(pair)
+    assert edges["tiny"]["steps"] == 2000
+    for run in (edges["tiny_compaction"], edges["compaction"]):
+        assert run["parts"] >= 1 and run["seconds"] > 0 and "peak_added_mb" in run
+    assert "start-up, script that only imports torch" in stdout and "compaction of 2,000 steps x 5 layers" in stdout
+    assert "start-up added (one optimizer step)" in stdout  # its row in the targets block
