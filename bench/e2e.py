@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,7 @@ def compare(script: str, rounds: int, threads: int, extra_args: list[str] | None
         "cpu_ratio_max": max(cpu_ratios),
         "python_peak_mb": statistics.median(py.peak_mb), "profile_peak_mb": statistics.median(pr.peak_mb),
         "exit_codes": {"python": py.exit_codes, "profile": pr.exit_codes},
+        "per_round": {"python": asdict(py), "profile": asdict(pr)},  # paired by index (bench/edges.py)
     }
 
 

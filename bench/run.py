@@ -15,6 +15,8 @@ gpu        host synchronisations per step and the GPU overhead ratio, where CUDA
 recommend  ``gradscope recommend`` on a large synthetic run (bench/bench_recommend.py, its own table)
 ranks      reading a distributed job: store.join_ranks over 8 ranks of a sharded optimizer (bench/ranks.py)
 report     ``gradscope report`` on a large synthetic run: page size and seconds (bench/report.py, its own table)
+dist       per-rank cost of recording a 2-rank DDP job against a 1-rank one, under torchrun (bench/dist.py)
+edges      start-up added, 100,000 tiny steps end to end, compaction's peak memory (bench/edges.py)
 
 Nothing here asserts a time: the targets are printed next to what was measured.
 """
@@ -35,14 +37,16 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import dist  # noqa: E402
 import e2e  # noqa: E402
+import edges  # noqa: E402
 import gpu  # noqa: E402
 import overhead  # noqa: E402
 import ranks  # noqa: E402
 import torch  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
-SECTIONS = ["overhead", "memory", "e2e", "gpu", "recommend", "ranks", "report"]
+SECTIONS = ["overhead", "memory", "e2e", "gpu", "recommend", "ranks", "report", "edges", "dist"]
 TARGET_VS_FLOOR = {"lstm": 1.5, "gpt": 1.5, "mlp": 2.0, "many": 2.0}  # gradscope added / floor added, at most
 TARGET_VS_ITEM_LOOP = 10.0  # item-loop added / gradscope added on the ~400-tensor model, at least
 TARGET_RSS_MB = 50.0
@@ -253,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="step timer: process CPU time (default with 1 thread) or wall time (default otherwise)")
     parser.add_argument("--memory-steps", type=int, default=100_000)
     parser.add_argument("--e2e-rounds", type=int, default=2)
+    parser.add_argument("--edges-rounds", type=int, default=5, help="interleaved pairs per edges measurement")
     parser.add_argument("--json", type=Path, default=None, help="also write every number here")
     parser.add_argument("--verbose", action="store_true", help="print every round")
     args = parser.parse_args(argv)
@@ -297,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(("gpu", "no host sync per step", f"{len(bad)} workloads synced", "none",
                             "ok" if not bad else "MISSED"))
             targets += [(f"gpu/{t[0]}", *t[1:]) for t in overhead_targets(report["gpu"]["overhead"])]
+    if "edges" in args.only:
+        report["edges"] = edges.measure(args.quick, args.edges_rounds, args.threads, 100_000, 1_000_000)
+        targets += edges.report(report["edges"])
     if targets:
         print("\nTargets (printed, never asserted)")
         for t in targets:
@@ -308,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         report["ranks"] = ranks.bench(*((2, 2000, 5) if args.quick else (8, 100_000, 100)))
     if "report" in args.only:
         report["report_exit_code"] = run_report(args)
+    if "dist" in args.only:
+        report["dist"] = dist.measure(*((1, 20, (2,)) if args.quick else (3, 300, (1, 2))))
+        dist.report(report["dist"])
     report["wall_s"] = time.perf_counter() - started
     report["load_end"] = os.getloadavg()[0]
     print(f"\nbench finished in {report['wall_s']:.0f} s (load average {report['load_end']:.1f})")

@@ -86,3 +86,25 @@ def test_ranks_section_times_both_tables(quick: tuple[str, dict]) -> None:
     assert "Ranks: join_ranks" in stdout
     assert [row[0] for row in report["ranks"]] == ["steps", "layers"]
     assert [row[5] for row in report["ranks"]] == [2 * 2000, 2 * 2000 * 5]  # every rank's rows, joined
+
+
+def test_dist_section_times_a_profiled_ddp_job(quick: tuple[str, dict]) -> None:
+    stdout, report = quick
+    assert "Distributed: per-rank step time" in stdout
+    [row] = report["dist"]
+    assert row["nproc"] == 2 and row["plain_us"] > 0 and row["gradscope_us"] > 0
+
+
+def test_edges_section_reports_startup_tiny_steps_and_compaction(quick: tuple[str, dict]) -> None:
+    """bench/edges.py: both start-up scripts, the tiny-step run and the two compactions, printed and in the JSON."""
+    stdout, report = quick
+    edges = report["edges"]
+    assert list(edges["startup"]) == ["imports torch", "one optimizer step"]
+    for pair in [*edges["startup"].values(), edges["tiny"]]:
+        assert pair["exit_codes"] == {"python": [0], "profile": [0]}  # --quick: one pair each
+        assert {"added_s", "added_mb", "wall_ratio"} <= set(pair)
+    assert edges["tiny"]["steps"] == 2000
+    for run in (edges["tiny_compaction"], edges["compaction"]):
+        assert run["parts"] >= 1 and run["seconds"] > 0 and "peak_added_mb" in run
+    assert "start-up, script that only imports torch" in stdout and "compaction of 2,000 steps x 5 layers" in stdout
+    assert "start-up added (one optimizer step)" in stdout  # its row in the targets block

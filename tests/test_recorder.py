@@ -399,13 +399,21 @@ def test_torch_compile(profiled: Any, case: str) -> None:
 
 
 def test_hooks_run_eagerly_inside_a_compiled_function() -> None:
-    """The hook wrapper (hooks.eager, a leaner torch.compiler.disable): dynamo calls the hook at a
-    graph break instead of tracing it, and compiles nothing the hook calls; a plain function is traced."""
+    """The hook wrapper (hooks.eager, a leaner torch.compiler.disable, marked by mark_eager once dynamo is
+    loaded): dynamo calls the hook at a graph break instead of tracing it, and compiles nothing the hook
+    calls; a plain function is traced."""
     import warnings
 
     import torch
 
-    from gradscope.record.hooks import eager
+    from gradscope.record.hooks import eager, mark_eager
+
+    def eager_marked(fn: Any) -> Any:
+        hook = eager(fn)  # made before dynamo is loaded, as the recorder makes its hooks
+        import torch._dynamo  # noqa: F401
+
+        assert mark_eager([hook])
+        return hook
 
     def compiling_inside(wrap: Any) -> list[bool]:
         seen: list[bool] = []
@@ -431,7 +439,7 @@ def test_hooks_run_eagerly_inside_a_compiled_function() -> None:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert compiling_inside(eager) == [False, False]
+        assert compiling_inside(eager_marked) == [False, False]
     assert not [w for w in caught if "dynamo" in str(w.filename) or "graph break" in str(w.message).lower()]
     assert compiling_inside(lambda fn: fn) == [True, True]  # the control: unwrapped, dynamo traces it
 

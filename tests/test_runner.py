@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import interruptible
+from conftest import interruptible, parse_refs
 
 import gradscope
 
@@ -125,6 +125,8 @@ def test_zero_steps_warns_and_keeps_exit_code(tmp_path: Path) -> None:
     assert "no optimizer step was recorded" in result.stderr
     assert "subprocess" in result.stderr  # says why this can happen
     assert len(gradscope.load_run(runs_dir=tmp_path).steps) == 0
+    # Nothing the run does not need: torch alone loads neither (start-up cost, bench/edges.py).
+    assert parse_refs(result.stdout) == [{"torch._dynamo": False, "pandas": False}]
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])

@@ -4,7 +4,7 @@ What :meth:`Hooks.install` installs (all undone by :meth:`Hooks.remove`):
 
 - global optimizer step pre/post hooks (every ``torch.optim.Optimizer``, even one created before),
   wrapped by :func:`eager` (a leaner ``torch.compiler.disable``) so that ``torch.compile(opt.step)``
-  runs them eagerly;
+  runs them eagerly; the clip wrappers below are wrapped the same way;
 - ``torch.autograd.backward`` (``Tensor.backward`` calls it) for the loss of each step;
 - ``clip_grad_norm_`` / ``clip_grads_with_norm_`` / ``clip_grad_value_`` for the script's own
   clipping, so the recorded norm is the *pre-clip* one;
@@ -13,7 +13,9 @@ What :meth:`Hooks.install` installs (all undone by :meth:`Hooks.remove`):
 - ``Optimizer.__init__`` and ``nn.Module.zero_grad`` for scripts that update weights by hand, with
   no ``torch.optim`` optimizer;
 - ``torch.distributed.destroy_process_group``, which first lets the gloo workers take the GIL once
-  (:func:`_let_gloo_workers_finish`: a teardown deadlock the hooks' per-step work makes likely).
+  (:func:`_let_gloo_workers_finish`: a teardown deadlock the hooks' per-step work makes likely);
+- ``torch.compile``, only to mark the wrapped hooks for dynamo first (:meth:`Hooks.mark`): gradscope
+  never imports ``torch._dynamo`` itself, so a script that does not use it does not pay for it.
 
 The hooks know nothing of the recorder's state: each calls one method of :class:`RecorderEvents`,
 whose methods never raise into the user's loop (but ``StopRun``).
@@ -21,6 +23,7 @@ whose methods never raise into the user's loop (but ``StopRun``).
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import sys
@@ -77,30 +80,47 @@ class RecorderEvents(Protocol):
 
 
 def eager(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``torch.compiler.disable(fn)`` for a hook that runs every step, at a fifth of its cost per call.
+    """``fn`` wrapped so that dynamo runs it eagerly: a leaner ``torch.compiler.disable``, marked lazily.
 
-    What disable does, kept: a compiled ``opt.step`` calls the hook eagerly (a graph break) instead of
-    tracing it, and dynamo's frame callback is off while it runs, so nothing inside is compiled. What is
-    left out: its stance and export bookkeeping, six Python calls that cost ~5 µs a step in the cold
-    caches after a backward (bench/run.py, "mlp"). Falls back to ``torch.compiler.disable`` where torch
-    lacks the private ``set_eval_frame`` or ``torch._dynamo.skip``.
+    What disable does, kept: a compiled caller (``torch.compile(opt.step)``) calls the hook eagerly (a
+    graph break) instead of tracing it, and dynamo's frame callback is off while it runs, so nothing
+    inside is compiled. What is left out: its stance and export bookkeeping, six Python calls that cost
+    ~5 µs a step in the cold caches after a backward (bench/run.py, "mlp").
+
+    The mark that makes dynamo break its graph (``torch._dynamo.decorators.skip``) needs
+    ``torch._dynamo``, whose import costs ~1.5 s and ~70 MB: it is set here only when dynamo is already
+    loaded, and otherwise by :func:`mark_eager` once it is (see :meth:`Hooks.install`).
     """
     try:
-        from torch._C._dynamo.eval_frame import set_eval_frame
-        from torch._dynamo.decorators import skip
-    except ImportError:  # pragma: no cover - a torch without dynamo's private frame hooks
-        return getattr(torch.compiler, "disable", lambda f: f)(fn)
+        from torch._C._dynamo.eval_frame import set_eval_frame  # part of torch._C: no torch._dynamo import
+    except ImportError:  # pragma: no cover - a torch without dynamo's frame hooks
+        return fn
 
-    def hook(*args: Any) -> Any:
+    def hook(*args: Any, **kwargs: Any) -> Any:
         prior = set_eval_frame(None)
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         finally:
             set_eval_frame(prior)
 
-    # skip: the mark (a compiled caller breaks its graph and calls the hook) and the hook's own frame left
-    # alone by the frame callback that is still on when the caller resumes eagerly.
-    return skip(hook)
+    mark_eager([hook])
+    return hook
+
+
+def mark_eager(hooks: list[Callable[..., Any]]) -> bool:
+    """Mark ``hooks`` (made by :func:`eager`) for dynamo, in place, when ``torch._dynamo`` is loaded; True
+    when they are marked. In place: a script holding one (``from torch.nn.utils import clip_grad_norm_``)
+    holds the marked function. The hook's frame is skipped too, so the frame callback still on when a
+    compiled caller resumes eagerly leaves it alone."""
+    if "torch._dynamo" not in sys.modules:
+        return False
+    try:
+        from torch._dynamo.decorators import skip
+    except ImportError:  # pragma: no cover - a torch without dynamo
+        return True
+    for hook in hooks:
+        skip(hook)
+    return True
 
 
 def params_list(parameters: Any) -> list[torch.Tensor]:
@@ -152,6 +172,23 @@ class Hooks:
         self._events = events
         self._patcher = Patcher()
         self._handles: list[Any] = []
+        self._eager: list[Callable[..., Any]] = []  # every hook made by eager(), for mark_eager
+        self._marked = False
+
+    def _eager_hook(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        hook = eager(fn)
+        self._eager.append(hook)
+        return hook
+
+    def mark(self) -> None:
+        """Mark the hooks for dynamo once ``torch._dynamo`` is loaded (cheap when done or not yet due).
+
+        Called at install (a model compiled before the recorder started), when an optimizer is made
+        (torch's Optimizer loads dynamo itself) and by ``torch.compile``: dynamo traces nothing before
+        one of these. A script that only imports torch never loads it.
+        """
+        if not self._marked:
+            self._marked = mark_eager(self._eager)
 
     def install(self) -> Originals:
         """Install everything (before the script runs) and return the functions that were replaced."""
@@ -160,8 +197,8 @@ class Hooks:
 
         events = self._events
         # Bound methods, made once: the hooks run every step. Dynamo must not trace into them.
-        self._handles = [register_optimizer_step_pre_hook(eager(events.on_step_pre)),
-                         register_optimizer_step_post_hook(eager(events.on_step_post))]
+        self._handles = [register_optimizer_step_pre_hook(self._eager_hook(events.on_step_pre)),
+                         register_optimizer_step_post_hook(self._eager_hook(events.on_step_post))]
         # Read before the patches below: afterwards it would be our own wrapper, which scales by 1.0 in
         # compare arms (the script's clipping is disabled there).
         originals = Originals(clip_grad.clip_grad_norm_, clip_grad.clip_grad_value_, torch.manual_seed)
@@ -173,6 +210,8 @@ class Hooks:
         self._patch_zero_grad()
         self._patch_optimizer_init()
         self._patch_process_group_teardown()
+        self._patch_compile()
+        self.mark()
         return originals
 
     def remove(self) -> None:
@@ -203,7 +242,7 @@ class Hooks:
         from torch.nn.utils import clip_grad
 
         utils, events = torch.nn.utils, self._events
-        disable = getattr(torch.compiler, "disable", lambda fn: fn)  # dynamo must not trace the wrappers
+        disable = self._eager_hook  # dynamo must not trace the wrappers
         original_norm, original_value = clip_grad.clip_grad_norm_, clip_grad.clip_grad_value_
 
         def clip_grad_norm_(parameters: Any, max_norm: float, *args: Any, **kwargs: Any) -> Any:
@@ -280,7 +319,7 @@ class Hooks:
         self._patcher.replace(torch.random, "manual_seed", manual_seed)
 
     def _patch_optimizer_init(self) -> None:
-        events = self._events
+        events, mark = self._events, self.mark
         # An optimizer made before the hooks (API use) counts too: one gc scan, at install.
         # type() not isinstance(): isinstance on gc objects hits lazy deprecated-module proxies, which warn.
         if any(issubclass(type(o), torch.optim.Optimizer) for o in gc.get_objects()):
@@ -290,8 +329,24 @@ class Hooks:
         def __init__(optimizer: Any, *args: Any, **kwargs: Any) -> None:
             events.on_optimizer_made()  # a clip call before its first step is not a hand-written update
             original(optimizer, *args, **kwargs)
+            mark()  # torch's Optimizer has loaded dynamo by now
 
         self._patcher.replace(torch.optim.Optimizer, "__init__", __init__)
+
+    def _patch_compile(self) -> None:
+        original = getattr(torch, "compile", None)
+        if original is None:  # pragma: no cover - torch < 2.0
+            return
+        mark = self.mark
+
+        @functools.wraps(original)
+        def compile(*args: Any, **kwargs: Any) -> Any:
+            import torch._dynamo  # noqa: F401  (torch.compile imports it too: loaded now, the hooks marked first)
+
+            mark()
+            return original(*args, **kwargs)
+
+        self._patcher.replace(torch, "compile", compile)
 
     def _patch_zero_grad(self) -> None:
         original, on_zero_grad = nn.Module.zero_grad, self._events.on_zero_grad

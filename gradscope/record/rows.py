@@ -107,19 +107,16 @@ class StepBuffer:
 
     def __init__(self) -> None:
         self._rows: list[Row] = []
+        #: Queue one committed step: the list's own append, bound once (the recorder calls it every step).
+        self.append = self._rows.append
 
     @property
     def pending(self) -> int:
         """Number of rows not yet written."""
         return len(self._rows)
 
-    def add(self, row: Row) -> int:
-        """Queue one committed step; returns the number of rows now pending."""
-        rows = self._rows
-        rows.append(row)
-        return len(rows)
-
     def take(self) -> list[Row]:
-        """Every pending row, oldest first; the buffer is empty afterwards."""
-        rows, self._rows = self._rows, []
+        """Every pending row, oldest first; the buffer is empty afterwards (the same list, so ``append`` stays bound)."""
+        rows = self._rows.copy()
+        self._rows.clear()
         return rows

@@ -37,6 +37,7 @@ from gradscope.record.measure import NormPlan, global_norm, stack_on, tensor_nor
 from gradscope.record.rows import Row, RowBlocks
 
 _IS_NONE = functools.partial(operator.is_, None)
+_GRAD = operator.attrgetter("grad")  # list(map(_GRAD, params)): the grads without a comprehension's frame
 
 
 class StepReader:
@@ -78,7 +79,7 @@ class StepReader:
             return None
         loss = self._loss
         # layout.params, as the general path reads: the same tensors unless an entry was swapped in place
-        row = self.read_planned(layout, [p.grad for p in layout.params], loss.total if loss.ok else None)
+        row = self.read_planned(layout, list(map(_GRAD, layout.params)), loss.total if loss.ok else None)
         if row is not None:  # what fill() does, inlined: no clip to note on this path
             row.n_backward = loss.n_backward
             lr = groups[0].get("lr")

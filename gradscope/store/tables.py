@@ -14,12 +14,14 @@ imports pyarrow, never pandas or torch (the training process pays for neither at
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -75,7 +77,12 @@ PART_TABLES = {"steps": STEPS_SCHEMA,
 PART_SUFFIX = ".arrow"
 PART_SUFFIXES = (PART_SUFFIX, ".parquet")  # .parquet: parts written by gradscope 0.1.0
 FILE_METADATA = {b"gradscope.schema_version": str(SCHEMA_VERSION).encode(), b"gradscope.format": FORMAT_NAME.encode()}
-COMPACT_ROWS = 1_000_000  # row groups of ~1M rows read fast and stay small in memory
+#: Rows per record batch of a part: compaction and the readers hold one batch of a part at a time, so a
+#: part of a large model (a flush of 10,000 steps x 1,000 tensors) never has to fit in memory whole.
+PART_BATCH_ROWS = 65_536
+#: Rows per row group of a compacted file: compaction holds about one row group (as strings) and the
+#: parquet writer's encoded copy of it; 128k rows keep that to a few MB and still read fast.
+COMPACT_ROWS = 131_072
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -87,8 +94,27 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+@contextlib.contextmanager
+def system_pool() -> Iterator[None]:
+    """Arrow allocations in this block from the C allocator, not pyarrow's default mimalloc pool: in the
+    training process a flush's and compaction's buffers are then returned when freed, where mimalloc keeps
+    ~15 MB more resident for the rest of the run (bench/edges.py). The script's own pyarrow use, before and
+    after, keeps its default pool."""
+    prior = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(prior)
+
+
 def write_part(parts_dir: Path, kind: str, index: int, columns: dict[str, Any]) -> Path:
     """Write part ``index`` of ``kind`` from column arrays; it appears under its name only when closed."""
+    with system_pool():
+        return _write_part(parts_dir, kind, index, columns)
+
+
+def _write_part(parts_dir: Path, kind: str, index: int, columns: dict[str, Any]) -> Path:
     schema = PART_TABLES[kind].with_metadata(FILE_METADATA)
     n = len(next(iter(columns.values()))) if columns else 0
     missing = {f.name: pa.nulls(n, f.type) for f in schema if f.name in OPTIONAL_COLUMNS and f.name not in columns}
@@ -97,7 +123,7 @@ def write_part(parts_dir: Path, kind: str, index: int, columns: dict[str, Any]) 
     tmp = parts_dir / f".{final.name}.tmp"  # dot prefix: list_parts never lists it
     try:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            writer.write_table(table)
+            writer.write_table(table, max_chunksize=PART_BATCH_ROWS)  # read back a batch at a time
         durable_replace(tmp, final)
     except BaseException:
         remove_quietly(tmp)  # a failed write (disk full, a file-size limit) leaves no temp file behind
@@ -137,20 +163,24 @@ def list_parts(parts_dir: Path, kind: str) -> list[Path]:
     return sorted(p for suffix in PART_SUFFIXES for p in parts_dir.glob(f"{kind}-*{suffix}"))
 
 
-def read_part(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
-    """One part file as a Table. ParquetFile.read, not pq.read_table: the latter imports
-    pyarrow.dataset and pandas (~50 MB) into the training process at exit."""
+def read_part(path: Path, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """One part file's record batches (only ``columns`` when given), one batch in memory at a time: an
+    Arrow part is read batch by batch from its footer, a parquet part (0.1.0) in batches of
+    :data:`PART_BATCH_ROWS`. ParquetFile, not pq.read_table: the latter imports pyarrow.dataset and
+    pandas (~50 MB) into the training process at exit. A column an older part lacks (added to the
+    schema since) is left out here and made of nulls by the caller's :func:`conform`."""
     if path.suffix == PART_SUFFIX:
         with pa.OSFile(str(path), "rb") as source:
-            table = pa.ipc.open_file(source).read_all()
-    else:
-        handle = pq.ParquetFile(path)
-        present = set(handle.schema_arrow.names)
-        table = handle.read(columns=[c for c in columns if c in present] if columns is not None else None)
-    if columns is None:
-        return table
-    # A column an older part lacks (added to the schema since) is made of nulls by the caller's conform().
-    return table.select([c for c in columns if c in table.column_names])
+            reader = pa.ipc.open_file(source)
+            keep = None if columns is None else [c for c in columns if c in reader.schema.names]
+            for i in range(reader.num_record_batches):
+                batch = reader.get_batch(i)
+                yield batch if keep is None else batch.select(keep)
+        return
+    handle = pq.ParquetFile(path)
+    present = set(handle.schema_arrow.names)
+    keep = [c for c in columns if c in present] if columns is not None else None
+    yield from handle.iter_batches(batch_size=PART_BATCH_ROWS, columns=keep)
 
 
 def part_rows(path: Path) -> int:
@@ -163,26 +193,34 @@ def part_rows(path: Path) -> int:
 
 
 def compact(parts: Sequence[Path], kind: str, final: Path) -> None:
-    """Stream ``parts`` into the parquet file ``final``, one part in memory at a time (a million-step
-    run must compact without loading it whole); ``final`` appears only when complete."""
-    schema = TABLES[kind].with_metadata(FILE_METADATA)
+    """Stream ``parts`` into the parquet file ``final``, a record batch at a time: memory stays at about
+    one row group however long the run (bench/edges.py measures it); ``final`` appears only when complete."""
     tmp = final.with_name(f".{final.name}.tmp")
     try:
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            batch: list[pa.Table] = []
-            rows = 0
-            for table in _readable(parts, kind, None, schema):  # the layer dictionary as strings; new columns as nulls
-                batch.append(table)
-                rows += table.num_rows
-                if rows >= COMPACT_ROWS:
-                    writer.write_table(pa.concat_tables(batch))
-                    batch, rows = [], 0
-            if batch:
-                writer.write_table(pa.concat_tables(batch))
+        with system_pool():
+            _stream(parts, kind, tmp)
         durable_replace(tmp, final)
     except BaseException:
         remove_quietly(tmp)
         raise
+
+
+def _stream(parts: Sequence[Path], kind: str, path: Path) -> None:
+    schema = TABLES[kind].with_metadata(FILE_METADATA)
+    # Dictionary pages for the string columns only: for the float and step columns parquet would build a
+    # dictionary of every distinct value per row group, then drop it (most of compaction's memory).
+    strings = [f.name for f in schema if f.type == pa.string()]
+    with pq.ParquetWriter(path, schema, compression="zstd", use_dictionary=strings) as writer:
+        pending: list[pa.RecordBatch] = []
+        rows = 0
+        for table in _readable(parts, kind, None, schema):  # the layer dictionary as strings; new columns as nulls
+            pending += table.to_batches()
+            rows += table.num_rows
+            if rows >= COMPACT_ROWS:
+                writer.write_table(pa.Table.from_batches(pending, schema))  # one row group, no concatenated copy
+                pending, rows = [], 0
+        if pending:
+            writer.write_table(pa.Table.from_batches(pending, schema))
 
 
 def final_rows(path: Path) -> int:
@@ -235,18 +273,26 @@ _WARNED: set[Path] = set()  # unreadable parts already named on stderr by this p
 
 def _readable(parts: Sequence[Path], kind: str, columns: Sequence[str] | None,
               schema: pa.Schema) -> Iterator[pa.Table]:
-    """Each part of ``kind`` that reads, conformed to ``schema``; an unreadable one (0 bytes, truncated,
-    garbage: a crash or a power cut) is skipped with one warning naming it and the steps it held."""
+    """The record batches of each part of ``kind`` that reads, each as a Table conformed to ``schema``; an
+    unreadable part (0 bytes, truncated, garbage: a crash or a power cut) is skipped with one warning
+    naming it and the steps it held (from the first batch that does not read, in a part damaged inside)."""
     last_step: int | None = None
     for path in parts:
         try:
-            table = conform(read_part(path, columns), schema)
+            for batch in read_part(path, columns):
+                table = conform(pa.Table.from_batches([batch]), schema)
+                if "step" in table.column_names and table.num_rows:
+                    last_step = max(_max_step(table.column("step")), last_step if last_step is not None else -1)
+                yield table
         except (OSError, pa.ArrowException, ValueError, KeyError) as exc:
             _warn_unreadable(path, kind, last_step, exc)
-            continue
-        if "step" in table.column_names and table.num_rows:
-            last_step = int(table.column("step").to_numpy().max())
-        yield table
+
+
+def _max_step(column: pa.ChunkedArray) -> int:
+    """The largest value of an int64 column, from its buffers: ``to_numpy`` (of an Array or a ChunkedArray)
+    imports pandas, ~35 MB that the training process would hold from compaction on."""
+    return max(int(np.frombuffer(chunk.buffers()[1], dtype=np.int64)[chunk.offset:chunk.offset + len(chunk)].max())
+               for chunk in column.chunks if len(chunk))
 
 
 def _warn_unreadable(path: Path, kind: str, last_step: int | None, exc: Exception) -> None:
