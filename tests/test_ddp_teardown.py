@@ -40,7 +40,8 @@ def _job(root: Path) -> tuple[int | None, str, list[int]]:
         os.killpg(proc.pid, signal.SIGKILL)
         _, stderr = proc.communicate()
         return None, stderr[-2000:], []
-    steps = [len(gradscope.load_run(run).steps) for run in sorted(runs.iterdir()) if run.name != "latest"]
+    run = gradscope.load_run(runs_dir=runs)  # the job: one run, a row per rank per step
+    steps = [int(n) for _, n in sorted(run.steps.groupby("rank").size().items())]
     return proc.returncode, stderr[-2000:], steps
 
 
