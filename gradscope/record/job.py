@@ -113,6 +113,15 @@ def current_identity(environ: Mapping[str, str] = os.environ) -> RankIdentity:
     return from_env
 
 
+def becomes_rank(run_dir: Path | None, identity: RankIdentity) -> bool:
+    """True when the single run ``run_dir`` turns out to be one rank of a job: it hands itself to its children
+    as their job (``GRADSCOPE_JOB``, exported by ``gradscope profile``) and trains inside a process group of
+    several ranks, as rank 0 of Lightning's DDP launcher does (it re-executes the script for the other
+    ranks). The run then records into its ranks/rank-R like every other rank."""
+    handed = JobEnv.from_environ()
+    return (identity.world_size or 1) > 1 and handed is not None and handed.run_dir == run_dir
+
+
 def _int(text: str | None) -> int | None:
     try:
         return int(text) if text is not None else None

@@ -44,7 +44,7 @@ from gradscope.record.events import StepEvents
 from gradscope.record.guard import Guard
 from gradscope.record.hooks import Hooks
 from gradscope.record.inject import Injector
-from gradscope.record.job import JobEnv, RankIdentity, current_identity, describe
+from gradscope.record.job import RankIdentity, becomes_rank, current_identity, describe
 from gradscope.record.layouts import LayoutRegistry
 from gradscope.record.loss import LossWindow
 from gradscope.record.manual import ManualTracker
@@ -174,8 +174,11 @@ class Recorder:
             self._manual.commit()
         except StopRun:
             pass  # the loop's last update reached --max-steps: the run is ending anyway
-        if not self._open_rank_guarded():
-            return  # a rank that recorded nothing leaves nothing behind
+        try:
+            if not self._open_rank():
+                return  # a rank that recorded nothing leaves nothing behind
+        except Exception as exc:
+            return self._lost(f"could not create this rank's run directory ({_reason(exc)})")
         self._finish_files()
         end_time = datetime.now(timezone.utc).isoformat(timespec="seconds")
         try:
@@ -310,25 +313,12 @@ class Recorder:
             self._lost(f"could not write recorded steps ({_reason(exc)})")
 
     def _first_step(self) -> None:
-        """A rank learns its rank at its first step, while its process group exists (a script may destroy it
-        before exit). A run that hands itself to its children as their job (``GRADSCOPE_JOB``: ``gradscope
-        profile``) and trains inside a process group of several ranks, as rank 0 of Lightning's DDP launcher
-        does (it re-executes the script for the other ranks), becomes a rank of that job: ranks/rank-R."""
+        """A rank takes its rank at its first step, while its process group exists (see :func:`becomes_rank`)."""
         identity = current_identity()
-        if self._job_dir is None:
-            handed = JobEnv.from_environ()
-            if (identity.world_size or 1) <= 1 or handed is None or handed.run_dir != self.run_dir:
-                return
+        if self._job_dir is None and becomes_rank(self.run_dir, identity):
             self._job_dir, self.run_dir, self._writer = self.run_dir, None, None  # nothing written yet
-        self._identity = identity
-
-    def _open_rank_guarded(self) -> bool:
-        """:meth:`_open_rank` at the end of a run: a failure is recorded, never raised."""
-        try:
-            return self._open_rank()
-        except Exception as exc:
-            self._lost(f"could not create this rank's run directory ({_reason(exc)})")
-            return False
+        if self._job_dir is not None:
+            self._identity = identity
 
     def _open_rank(self) -> bool:
         """A rank's sub-run, made at its first write; False while there is nothing to write (or never will be)."""
@@ -336,8 +326,7 @@ class Recorder:
             return True
         if self._job_dir is None or self._commits == 0:
             return False
-        identity = self._identity or current_identity()
-        self._identity = identity
+        identity = self._identity = self._identity or current_identity()
         self.run_dir = store.create_rank_dir(self._job_dir, store.rank_dir_name(identity.rank, self._pid))
         self._writer = store.RunWriter(self.run_dir)
         self._write_meta(status="running")

@@ -60,8 +60,7 @@ def join_ranks(kind: str, per_rank: PerRank) -> pa.Table:
             tables = _combine_steps(ordered, sharded)
         elif kind == "layers" and all({"layer", "norm", "step", "optimizer"} <= set(t.column_names) for t in tables):
             tables = _combine_layers(ordered, sharded)
-    out = [t.append_column("rank", pa.array(np.full(t.num_rows, rank, dtype=np.int32)))
-           for (rank, _, _), t in zip(ordered, tables, strict=True)]
+    out = [with_rank(t, rank) for (rank, _, _), t in zip(ordered, tables, strict=True)]
     schema = pa.unify_schemas([t.schema for t in out], promote_options="permissive")
     joined = pa.concat_tables([t.cast(schema) if t.schema != schema else t for t in out])
     scopes = job_scopes([meta for _, meta, _ in ordered])
