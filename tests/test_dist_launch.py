@@ -1,4 +1,5 @@
-"""Distributed jobs on CPU (gloo, 2 ranks), launched every way a user launches them: one run per job, a
+"""Distributed jobs on CPU (gloo, 2 ranks), launched by `profile --nproc-per-node` and by `torchrun -m gradscope`
+(`profile -m torch.distributed.run`: tests/test_children.py): one run per job, a
 row per rank per step, and each rank's grad_norm equal to what clip_grad_norm_ returned on that rank."""
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def _launch(how: str, runs: Path, *script_args: str) -> subprocess.CompletedProc
     return subprocess.run(argv, cwd=SCRIPTS, env=clean_env(), capture_output=True, text=True, timeout=240)
 
 
-@pytest.fixture(scope="module", params=["nproc", "module", "torchrun"])
+@pytest.fixture(scope="module", params=["nproc", "torchrun"])
 def job(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     runs = tmp_path_factory.mktemp(f"runs-{request.param}")
     proc = _launch(request.param, runs, str(STEPS))
