@@ -42,7 +42,7 @@ install: $(PYTHON_DEP)
 	$(PIP) install --quiet -e ".[test]"
 
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2  # two workers: most tests wait on subprocesses
 
 demo: install
 	$(PYTHON) -m gradscope profile sample_runs/rnn_exploding.py
