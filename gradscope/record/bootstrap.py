@@ -16,7 +16,8 @@ which writes only once the process makes an optimizer. A Python child that never
 the script runs) is untouched, and does not see ``GRADSCOPE_PROFILING`` either; a DataLoader worker
 imports torch but makes no optimizer, so it records nothing.
 
-Torch-free: this module runs at the start of every child interpreter, before anything is imported.
+Torch-free (so is :mod:`gradscope.record.job`, whose :class:`~gradscope.record.job.JobEnv` is the one
+reader and writer of ``GRADSCOPE_JOB``): this module runs at the start of every child interpreter.
 """
 
 from __future__ import annotations
@@ -24,53 +25,34 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import importlib.util
-import json
 import os
 import sys
 import types
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
-JOB_ENV = "GRADSCOPE_JOB"
+from gradscope.record.job import JOB_ENV, JobEnv
+
 PROFILING_ENV = "GRADSCOPE_PROFILING"
 #: The directory ``gradscope profile`` puts first on its children's ``PYTHONPATH``.
 BOOT_DIR = Path(__file__).resolve().parent.parent / "_boot"
 
 
-def child_env(run_dir: Path, config: dict[str, Any], quiet: bool, environ: Mapping[str, str]) -> dict[str, str]:
-    """The variables a parent exports so that the Python processes it starts record into ``run_dir``.
+def child_env(job: JobEnv, environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables a parent exports so that the Python processes it starts record into ``job``.
 
     Args:
-        run_dir: the job's run directory (absolute).
-        config: the recorder configuration, as :func:`gradscope.record.config.config_to_json` gives it.
-        quiet: the parent's ``--quiet``.
+        job: the job's run directory (absolute), recording options and ``--quiet``.
         environ: the parent's environment (its ``PYTHONPATH`` is kept after gradscope's entry).
     """
-    job = {"run_dir": str(Path(run_dir).absolute()), "config": config, "quiet": bool(quiet)}
     boot = str(BOOT_DIR)
     rest = [entry for entry in environ.get("PYTHONPATH", "").split(os.pathsep) if entry and entry != boot]
-    return {JOB_ENV: json.dumps(job), "PYTHONPATH": os.pathsep.join([boot, *rest])}
-
-
-def read_job(environ: Mapping[str, str]) -> dict[str, Any] | None:
-    """The job ``environ`` names, or None when there is none (a malformed one warns once)."""
-    text = environ.get(JOB_ENV)
-    if not text:
-        return None
-    try:
-        job = json.loads(text)
-        if not isinstance(job, dict) or not isinstance(job.get("run_dir"), str):
-            raise ValueError("no run_dir")
-    except ValueError as exc:
-        _warn(f"{JOB_ENV} is not a gradscope job ({exc}); this process is not recorded")
-        return None
-    return job
+    return {JOB_ENV: job.to_env(), "PYTHONPATH": os.pathsep.join([boot, *rest])}
 
 
 def install() -> None:
     """The child's side, from ``sitecustomize``: record this interpreter into the job once it imports torch."""
-    job = read_job(os.environ)
+    job = JobEnv.from_environ(os.environ)  # a malformed one warns once and records nothing
     if job is None:
         return
     # Only a process that may train sees GRADSCOPE_PROFILING: it comes back when torch is imported.

@@ -178,13 +178,10 @@ class ChildRecorder:
         self.recorder = recorder
 
 
-def start_child_recorder(job: dict[str, Any]) -> object:
-    """Record this child interpreter into the job ``job`` (``GRADSCOPE_JOB``, decoded) from its first optimizer.
+def start_child_recorder(job: JobEnv) -> ChildRecorder:
+    """Record this child interpreter into ``job`` (read from ``GRADSCOPE_JOB``) from its first optimizer.
 
     Called by :mod:`gradscope.record.bootstrap` once torch is imported. Returns the object that records; it
     flushes and compacts at interpreter exit (the Recorder's atexit).
     """
-    env = JobEnv.from_environ({JOB_ENV: json.dumps(job)})
-    if env is None:
-        return None
-    return ChildRecorder(env).arm()
+    return ChildRecorder(job).arm()

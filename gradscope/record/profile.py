@@ -70,7 +70,7 @@ def run_profile(options: ProfileOptions) -> int:
     recorder.start()
     os.environ["GRADSCOPE_PROFILING"] = "1"  # lets a script skip expensive evaluation while profiled
     # After our own start-up: the Python processes the script starts record into this job (bootstrap.py).
-    os.environ.update(bootstrap.child_env(run_dir, options.recording.to_json(), options.quiet, os.environ))
+    os.environ.update(bootstrap.child_env(job.JobEnv(run_dir, options.recording, options.quiet), os.environ))
     _say(options, f"recording {options.target} to {_shown(run_dir)}")
     previous = signal.getsignal(signal.SIGTERM)
     if previous is signal.SIG_DFL:
