@@ -13,7 +13,6 @@ gives its exit code, and gradscope passes both on untouched, then finishes the j
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import signal
 import socket
@@ -29,6 +28,7 @@ from gradscope.errors import EXIT_INTERRUPTED, EXIT_OK, UsageError
 from gradscope.record import runner
 from gradscope.record.config import TORCHRUN_MODULE, ProfileOptions
 from gradscope.record.job import JOB_ENV, JobEnv
+from gradscope.record.provenance import provenance, shown
 
 
 def is_torchrun(options: ProfileOptions) -> bool:
@@ -91,7 +91,7 @@ def run_job(options: ProfileOptions, say: Any) -> int:
                                   as_module=command.as_module, quiet=True, recording=options.recording)
     argv = [sys.executable, "-m", TORCHRUN_MODULE, *command.launcher_args, *rank_options.command()[1:]]
     env = {**os.environ, JOB_ENV: JobEnv(run_dir, options.recording, quiet=True).to_env()}
-    say(f"recording the torchrun job {command.script} to {_shown(run_dir)}")
+    say(f"recording the torchrun job {command.script} to {shown(run_dir)}")
     exit_code = _wait(subprocess.Popen(argv, env=env))
     _finish(run_dir, meta, exit_code, root, say, options)
     return exit_code
@@ -99,20 +99,15 @@ def run_job(options: ProfileOptions, say: Any) -> int:
 
 def _job_meta(options: ProfileOptions, command: TorchrunCommand, target: runner.Target, run_dir: Path,
               label: str) -> store.RunMeta:
-    import hashlib
-
     import torch
 
-    digest = hashlib.sha256(target.path.read_bytes()).hexdigest() if target.path.is_file() else None
-    shown = ("gradscope", "profile", *command.launcher_args, *(["-m"] if command.as_module else []),
-             command.script, *command.script_args)
-    provenance = store.Provenance(
-        target=command.script, as_module=command.as_module, script_path=str(target.path), script_sha256=digest,
-        argv=tuple(target.argv), script_args=command.script_args, cwd=os.getcwd(), command=shown,
-        executable=sys.executable or None, launcher=None)
+    recorded_by = ("gradscope", "profile", *command.launcher_args, *(["-m"] if command.as_module else []),
+                   command.script, *command.script_args)
     return store.RunMeta(
-        status="running", gradscope_version=__version__, torch_version=torch.__version__,
-        run_id=run_dir.name, label=label, provenance=provenance, seed=options.recording.seed,
+        status="running", gradscope_version=__version__, torch_version=torch.__version__, run_id=run_dir.name,
+        label=label, provenance=provenance(target, command.script, command.as_module, command.script_args,
+                                           recorded_by, None),
+        seed=options.recording.seed,
         launch=store.Launch("gradscope", command.nproc_per_node, command.launcher_args),
         start_time=datetime.now(timezone.utc).isoformat(timespec="seconds"), host=socket.gethostname(),
         pid=os.getpid())
@@ -137,23 +132,13 @@ def _wait(process: subprocess.Popen[bytes]) -> int:
 def _finish(run_dir: Path, meta: store.RunMeta, exit_code: int, root: Path, say: Any,
             options: ProfileOptions) -> None:
     """The job's meta.json as torchrun ended it, ``latest``, and the summary line."""
-    steps = store.count_steps(run_dir)
-    ranks = store.list_rank_dirs(run_dir)
     status = "complete" if exit_code == EXIT_OK else (
         "interrupted" if exit_code in (EXIT_INTERRUPTED, -signal.SIGINT, -signal.SIGTERM) else "failed")
-    store.write_meta(run_dir, dataclasses.replace(
-        meta, status=status, exit_code=exit_code, n_steps=steps, world_size=len(ranks) or None,
-        end_time=datetime.now(timezone.utc).isoformat(timespec="seconds")))
+    meta = store.finish_job_meta(run_dir, meta, status, exit_code)
+    steps, ranks = meta.n_steps or 0, meta.world_size or 0
     if steps:
         store.point_latest(root, run_dir)
-    say(f"{status}: {steps} steps recorded by {len(ranks)} ranks in {_shown(run_dir)}")
+    say(f"{status}: {steps} steps recorded by {ranks} ranks in {shown(run_dir)}")
     if steps and exit_code == EXIT_OK:
         runs_flag = f" --runs-dir {options.runs_dir}" if options.runs_dir else ""
         say(f"next: gradscope recommend{runs_flag}")
-
-
-def _shown(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)

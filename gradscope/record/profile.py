@@ -14,7 +14,6 @@ drawn over the script's own output.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shlex
 import signal
@@ -28,6 +27,7 @@ from gradscope import __version__, store
 from gradscope.errors import EXIT_OK
 from gradscope.record import bootstrap, job, launch, runner
 from gradscope.record.config import ProfileOptions
+from gradscope.record.provenance import launcher, provenance, shown
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -42,23 +42,9 @@ def _say(options: ProfileOptions, message: str) -> None:
 
 
 def _provenance(options: ProfileOptions, target: runner.Target) -> store.Provenance:
-    digest = hashlib.sha256(target.path.read_bytes()).hexdigest() if target.path.is_file() else None
     command = ("gradscope", "profile", *(["-m"] if options.as_module else []), options.target, *options.args)
-    return store.Provenance(target=options.target, as_module=options.as_module, script_path=str(target.path),
-                            script_sha256=digest, argv=tuple(target.argv), script_args=tuple(options.args),
-                            cwd=os.getcwd(), command=command, executable=sys.executable or None,
-                            launcher=launcher(sys.argv[0] if sys.argv else ""))
-
-
-def launcher(argv0: str) -> str | None:
-    """How gradscope was started, from its own ``sys.argv[0]`` (read before the script's replaces it):
-    ``python -m gradscope``, or the console script's absolute path."""
-    path = Path(argv0)
-    if argv0 == "-m" or (path.name == "__main__.py" and path.parent.name == "gradscope"):
-        return "python -m gradscope"
-    if not argv0 or argv0 == "-c":
-        return None  # started from Python code: no command to name
-    return str(path.absolute())
+    return provenance(target, options.target, options.as_module, options.args, command,
+                      launcher(sys.argv[0] if sys.argv else ""))
 
 
 def run_profile(options: ProfileOptions) -> int:
@@ -71,7 +57,7 @@ def run_profile(options: ProfileOptions) -> int:
     os.environ["GRADSCOPE_PROFILING"] = "1"  # lets a script skip expensive evaluation while profiled
     # After our own start-up: the Python processes the script starts record into this job (bootstrap.py).
     os.environ.update(bootstrap.child_env(job.JobEnv(run_dir, options.recording, options.quiet), os.environ))
-    _say(options, f"recording {options.target} to {_shown(run_dir)}")
+    _say(options, f"recording {options.target} to {shown(run_dir)}")
     previous = signal.getsignal(signal.SIGTERM)
     if previous is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -101,14 +87,14 @@ def _open(options: ProfileOptions, target: runner.Target) -> tuple[Any, Path]:
     """
     root = store.runs_root(options.runs_dir)
     label = options.label or Path(options.target).stem.replace(".", "_")
-    provenance = _provenance(options, target)
+    recorded = _provenance(options, target)
     if not job.is_torchrun_worker():
         run_dir = store.create_run_dir(root, label)  # an unwritable runs directory fails here, before torch
 
         from gradscope.record.recorder import Recorder  # torch is imported here, after validation
 
         # latest moves to this run at its first written step (an empty run, e.g. `train.py --help`, never takes it)
-        return Recorder(run_dir, label=label, config=options.recording, provenance=provenance,
+        return Recorder(run_dir, label=label, config=options.recording, provenance=recorded,
                         latest_root=root), run_dir
 
     from gradscope.record.recorder import Recorder
@@ -118,27 +104,26 @@ def _open(options: ProfileOptions, target: runner.Target) -> tuple[Any, Path]:
         return Recorder(job_dir=given.run_dir, label=label, config=options.recording), given.run_dir
     rank0 = os.environ.get("RANK") == "0"
     options.quiet = options.quiet or not rank0  # one rank speaks for the job
-    run_dir, _ = store.claim_job_dir(root, label, job.job_key(), lambda d: _write_job_meta(d, label, provenance))
+    run_dir, _ = store.claim_job_dir(root, label, job.job_key(), lambda d: _write_job_meta(d, label, recorded))
     return Recorder(job_dir=run_dir, label=label, config=options.recording,
                     latest_root=root if rank0 else None), run_dir
 
 
-def _finish_job_meta(run_dir: Path, outcome: runner.Outcome, n_ranks: int) -> None:
+def _finish_job_meta(run_dir: Path, outcome: runner.Outcome) -> None:
     """The job's own meta.json, as the script ended, when the script started the ranks (its steps and
     those of its children are in ranks/)."""
     meta = store.read_meta(run_dir)
     if meta.status == "running" and meta.pid == os.getpid():
-        store.write_meta(run_dir, dataclasses.replace(
-            meta, status=outcome.status, exit_code=outcome.exit_code, error=outcome.error, world_size=n_ranks,
-            n_steps=store.count_steps(run_dir), launch=meta.launch or store.Launch("script")))
+        meta = dataclasses.replace(meta, launch=meta.launch or store.Launch("script"))
+        store.finish_job_meta(run_dir, meta, outcome.status, outcome.exit_code, outcome.error)
 
 
-def _write_job_meta(run_dir: Path, label: str, provenance: store.Provenance) -> None:
+def _write_job_meta(run_dir: Path, label: str, recorded: store.Provenance) -> None:
     """meta.json of a job its torchrun ranks claimed: what ran and how torchrun started it (from its environment)."""
     per_node = os.environ.get("LOCAL_WORLD_SIZE", "")
     (run_dir / store.PARTS_DIR).rmdir()  # a job's data lives in its ranks' sub-runs
     store.write_meta(run_dir, store.RunMeta(
-        status="running", gradscope_version=__version__, run_id=run_dir.name, label=label, provenance=provenance,
+        status="running", gradscope_version=__version__, run_id=run_dir.name, label=label, provenance=recorded,
         launch=store.Launch("torchrun", int(per_node) if per_node.isdigit() else None, ()),
         world_size=int(os.environ.get("WORLD_SIZE", "0")) or None, host=socket.gethostname()))
 
@@ -151,20 +136,13 @@ def _die_by(signum: signal.Signals) -> None:
     os.kill(os.getpid(), signum)
 
 
-def _shown(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
 def _summarise(options: ProfileOptions, recorder: Any, run_dir: Path, outcome: runner.Outcome) -> None:
     ranks = store.list_rank_dirs(run_dir)
     if ranks and recorder.run_dir != run_dir:  # a job: this process (if it trained) and the ranks it started
-        _finish_job_meta(run_dir, outcome, len(ranks))
+        _finish_job_meta(run_dir, outcome)
     if ranks and not job.is_torchrun_worker():  # the processes the script started recorded themselves
         _say(options, f"{outcome.status}: {store.count_steps(run_dir)} steps recorded by {len(ranks)} ranks "
-                      f"in {_shown(run_dir)}")
+                      f"in {shown(run_dir)}")
         return
     steps = recorder.n_steps
     if steps == 0:
@@ -175,7 +153,7 @@ def _summarise(options: ProfileOptions, recorder: Any, run_dir: Path, outcome: r
                       "first step is invisible to it")
     status = outcome.status if outcome.exit_code != EXIT_OK or outcome.status != "complete" else "complete"
     lost = " (incomplete: some could not be written, see the warning above)" if recorder.incomplete else ""
-    _say(options, f"{status}: {steps} steps recorded in {_shown(run_dir)}{lost}")
+    _say(options, f"{status}: {steps} steps recorded in {shown(run_dir)}{lost}")
     if steps and outcome.exit_code == EXIT_OK:
         runs_flag = f" --runs-dir {shlex.quote(str(options.runs_dir))}" if options.runs_dir else ""
         _say(options, f"next: gradscope recommend{runs_flag}")

@@ -18,10 +18,12 @@ parquet. No torch here: reporters read runs without paying for torch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,17 @@ def write_meta(run_dir: Path, meta: RunMeta) -> None:
     text = json.dumps(meta.to_json(), indent=2) + "\n"
     RunMeta.from_json(json.loads(text))  # what is written must read back: a MetaFieldError here is our bug
     atomic_write_text(run_dir / META_NAME, text)
+
+
+def finish_job_meta(run_dir: Path, meta: RunMeta, status: str, exit_code: int | None,
+                    error: str | None = None) -> RunMeta:
+    """Write a distributed job's own meta.json as the job ended: ``meta`` with its status, exit code and error,
+    the end time, and the number of ranks and steps its ``ranks/`` holds. Returns what was written."""
+    final = dataclasses.replace(
+        meta, status=status, exit_code=exit_code, error=error, n_steps=count_steps(run_dir),
+        world_size=len(list_rank_dirs(run_dir)) or None, end_time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    write_meta(run_dir, final)
+    return final
 
 
 class RunWriter:
@@ -207,8 +220,8 @@ class Run:
 
     def iter_batches(self, kind: str, columns: Sequence[str] | None = None,
                      batch_size: int = 1 << 20) -> Iterator[pa.RecordBatch]:
-        """Stream ``steps`` or ``layers`` in record batches, for runs too large to hold whole (no ``rank``
-        column; a job's batches come rank after rank, as :meth:`read_table` gives them)."""
+        """Stream ``steps`` or ``layers`` in record batches, for runs too large to hold whole. A single
+        process's batches have no ``rank`` column; a job's are :meth:`read_table`'s (joined, with ``rank``)."""
         if self.ranks:
             return read_job_table(self.ranks, kind, columns).to_batches(max_chunksize=batch_size)
         return tables.iter_batches(self._files(kind), kind, columns, batch_size)
@@ -319,7 +332,7 @@ __all__ = [
     "AGREEMENT_TOLERANCE", "SCOPES_KEY", "job_scopes", "join_ranks", "rank_disagreement",
     "LAYERS_SCHEMA", "SCHEMA_VERSION", "STEPS_SCHEMA", "TABLES", "Clipping", "GradscopeError", "OptimizerMeta",
     "Launch", "Merged", "Provenance", "RankRun", "Run", "RunMeta", "RunWriter", "StepCounter", "claim_job_dir", "count_steps",
-    "create_rank_dir", "create_run_dir", "list_rank_dirs", "list_runs", "rank_dir_name",
+    "create_rank_dir", "create_run_dir", "finish_job_meta", "list_rank_dirs", "list_runs", "rank_dir_name",
     "load_run", "merge_jobs", "point_latest", "read_meta", "resolve_run", "runs_root", "write_meta",
     "DEFAULT_RUNS_DIR", "LATEST_NAME", "META_NAME", "PARTS_DIR", "RUNS_DIR_ENV", "RunNotFoundError",
 ]
